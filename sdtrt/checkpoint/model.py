@@ -1,0 +1,31 @@
+"""The loaded checkpoint: torch modules plus what the exporter and runtime need to know about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Stable Diffusion checkpoint loaded into torch modules (fp32, CPU, eval mode).
+
+    ``format`` is ``diffusers`` (a folder) or ``single-file`` (original CompVis/A1111 key layout).
+    ``arch`` names the known architecture it matched (``sd15``, ``tiny-sd1``, ...) or is ``None`` for a custom one.
+    ``family`` is ``sd1`` or ``sd2``.
+    """
+
+    source: Path
+    format: str
+    arch: str | None
+    family: str
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL
+    scheduler_config: dict[str, Any]
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
