@@ -1,0 +1,172 @@
+"""``sdtrt export``: a loaded checkpoint -> a WORKDIR of validated ONNX graphs, tokenizer, scheduler and manifest.
+
+Everything is staged in a hidden folder inside WORKDIR and moved into place only after every graph passed
+validation; the previous manifest is removed before the first file moves and the new one is written last, so an
+interrupted or failed export never leaves a manifest that looks complete (and a failed one leaves no new files).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import sdtrt
+from sdtrt.checkpoint.model import Checkpoint
+from sdtrt.export.clip import MAX_LENGTH, text_encoder_export
+from sdtrt.export.component import ComponentExport
+from sdtrt.export.graph import export_graph
+from sdtrt.export.manifest import FORMAT_VERSION, MANIFEST
+from sdtrt.export.spec import ExportSpec
+from sdtrt.export.unet import unet_export
+from sdtrt.export.vae import vae_decoder_export, vae_encoder_export, vae_scale_factor
+from sdtrt.export.validate import raise_if_failed, validate_component
+from sdtrt.fsutil import sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _components(ckpt: Checkpoint, names: tuple[str, ...]) -> list[ComponentExport]:
+    s = vae_scale_factor(ckpt)
+    makers = {
+        "text_encoder": lambda: text_encoder_export(ckpt),
+        "unet": lambda: unet_export(ckpt, s),
+        "vae_decoder": lambda: vae_decoder_export(ckpt),
+        "vae_encoder": lambda: vae_encoder_export(ckpt),
+    }
+    return [makers[n]() for n in names]
+
+
+def _versions() -> dict[str, str]:
+    out = {"sdtrt": sdtrt.__version__}
+    for pkg in ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "onnx-graphsurgeon"):
+        try:
+            out[pkg] = _md.version(pkg)
+        except _md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _dtype_name(dtype: str, precision: str) -> str:
+    if dtype == "float":
+        return "float16" if precision == "fp16" else "float32"
+    return dtype
+
+
+def _source_info(ckpt: Checkpoint) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "path": str(ckpt.source.resolve()),
+        "format": ckpt.format,
+        "arch": ckpt.arch,
+        "family": ckpt.family,
+        "prediction_type": ckpt.prediction_type,
+    }
+    if ckpt.source.is_file():
+        info["sha256"] = sha256_file(ckpt.source)
+    return info
+
+
+def _previous_entries(workdir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    try:
+        old = json.loads((workdir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = old.get("format_version") == FORMAT_VERSION and old.get("source", {}).get("path") == manifest["source"]["path"]
+    if not same:
+        return {}
+    return {
+        name: entry
+        for name, entry in old.get("components", {}).items()
+        if all((workdir / f["path"]).is_file() for f in entry.get("files", []))
+    }
+
+
+def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *, progress: bool = True) -> dict[str, Any]:
+    """Export ``spec.components`` of ``ckpt`` into ``workdir``; returns the manifest written."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=workdir))
+    try:
+        comps = _components(ckpt, spec.components)
+        entries: dict[str, Any] = {}
+        bar = tqdm(total=len(comps) * (2 if spec.validate else 1), desc="export", unit="step", disable=not progress)
+        for comp in comps:
+            precision = spec.precision_of(comp.name)
+            bar.set_description(f"export {comp.name} ({precision})")
+            trace_args = comp.make_inputs(*comp.check_sizes[0], torch.Generator().manual_seed(0))
+            files = export_graph(comp.module, trace_args, comp.io, staging / "onnx" / f"{comp.name}.onnx",
+                                 precision=precision, opset=spec.opset)
+            bar.update(1)
+            validation = None
+            if spec.validate:
+                bar.set_description(f"validate {comp.name}")
+                results = validate_component(comp, files[0], precision)
+                validation = [{e.output: e.as_dict() for e in errs} for errs in results]
+                for errs in results:
+                    for e in errs:
+                        log.info("%s %s %s: %.3g (tolerance %g)", comp.name, e.output, list(e.shape), e.metric, e.tolerance)
+                raise_if_failed(comp.name, precision, results)
+                bar.update(1)
+            entries[comp.name] = {
+                "files": [{"path": f"onnx/{f.name}", "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
+                "precision": precision,
+                "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": _dtype_name(s.dtype, precision)} for s in comp.inputs],
+                "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": _dtype_name(s.dtype, precision)} for s in comp.outputs],
+                "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in comp.io.dynamic_axes.items()},
+                "validation": validation,
+            }
+        bar.close()
+
+        ckpt.tokenizer.save_pretrained(str(staging / "tokenizer"))
+        (staging / "scheduler").mkdir()
+        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(ckpt.scheduler_config, indent=2) + "\n")
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": _source_info(ckpt),
+            "versions": _versions(),
+            "opset": spec.opset,
+            "precision": {"default": spec.precision, "vae": spec.vae_precision or spec.precision},
+            "model": {
+                "family": ckpt.family,
+                "prediction_type": ckpt.prediction_type,
+                "vae_scale_factor": vae_scale_factor(ckpt),
+                "vae_scaling_factor": float(ckpt.vae.config.scaling_factor),
+                "latent_channels": int(ckpt.unet.config.in_channels),
+                "text_hidden_size": int(ckpt.text_encoder.config.hidden_size),
+                "max_length": MAX_LENGTH,
+                "default_size": int(ckpt.unet.config.sample_size) * vae_scale_factor(ckpt),
+            },
+            "components": entries,
+        }
+
+        # A partial export (--components) keeps the other components of an earlier export of the same source.
+        previous = _previous_entries(workdir, manifest)
+        manifest["components"] = {**{k: v for k, v in previous.items() if k not in entries}, **entries}
+
+        # Commit: old manifest out first, files in, new manifest last.
+        (workdir / MANIFEST).unlink(missing_ok=True)
+        (workdir / "onnx").mkdir(exist_ok=True)
+        for name, entry in entries.items():
+            for stale in (workdir / "onnx").glob(f"{name}.onnx*"):
+                stale.unlink()
+            for f in entry["files"]:
+                os.replace(staging / f["path"], workdir / f["path"])
+        for sub in ("tokenizer", "scheduler"):
+            if (workdir / sub).exists():
+                shutil.rmtree(workdir / sub)
+            os.replace(staging / sub, workdir / sub)
+        write_json_atomic(workdir / MANIFEST, manifest)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

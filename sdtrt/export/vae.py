@@ -1,0 +1,93 @@
+"""VAE export: the decoder (latent -> finished uint8 pixels) and the encoder (uint8 pixels -> latent distribution).
+
+Pixel conversion lives inside the graphs so the runtime copies finished pixels and never runs its own
+elementwise kernels on images: the decoder folds in 1/scaling_factor, [-1, 1] -> [0, 255], rounding, clamping and
+the NCHW -> NHWC transpose; the encoder folds in the inverse and the scaling factor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdtrt.checkpoint.model import Checkpoint
+from sdtrt.export.component import ComponentExport, TensorSpec, graph_io
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """latent (B, 4, H/8, W/8) scaled latents -> image (B, H, W, 3) uint8, as diffusers' postprocess makes it."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round()
+        return image.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    """image (B, H, W, 3) uint8 -> latent_mean, latent_std (B, 4, H/8, W/8), both times scaling_factor.
+
+    img2img draws ``latent = latent_mean + latent_std * eps`` with the seeded generator, as diffusers samples
+    the latent distribution, so both moments are outputs.
+    """
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).float() / 255.0
+        x = 2.0 * x - 1.0  # diffusers' VaeImageProcessor.normalize
+        dist = self.vae.encode(x, return_dict=False)[0]
+        return dist.mean * self.scaling_factor, dist.std * self.scaling_factor
+
+
+def vae_scale_factor(ckpt: Checkpoint) -> int:
+    return 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
+
+
+def vae_decoder_export(ckpt: Checkpoint) -> ComponentExport:
+    ch = ckpt.vae.config.latent_channels
+    s = vae_scale_factor(ckpt)
+    inputs = (TensorSpec("latent", ("B", ch, "H", "W"), "float"),)
+    outputs = (TensorSpec("image", ("B", f"{s}H", f"{s}W", 3), "uint8"),)
+
+    def make_inputs(batch: int, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, ch, height // s, width // s, generator=gen),)
+
+    return ComponentExport(
+        name="vae_decoder",
+        module=VaeDecoderGraph(ckpt.vae).eval(),
+        io=graph_io(inputs, outputs),
+        inputs=inputs,
+        outputs=outputs,
+        make_inputs=make_inputs,
+        check_sizes=((1, 8 * s, 8 * s), (2, 6 * s, 10 * s)),
+    )
+
+
+def vae_encoder_export(ckpt: Checkpoint) -> ComponentExport:
+    ch = ckpt.vae.config.latent_channels
+    s = vae_scale_factor(ckpt)
+    inputs = (TensorSpec("image", ("B", f"{s}H", f"{s}W", 3), "uint8"),)
+    outputs = (
+        TensorSpec("latent_mean", ("B", ch, "H", "W"), "float"),
+        TensorSpec("latent_std", ("B", ch, "H", "W"), "float"),
+    )
+
+    def make_inputs(batch: int, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, 256, (batch, height, width, 3), generator=gen, dtype=torch.uint8),)
+
+    return ComponentExport(
+        name="vae_encoder",
+        module=VaeEncoderGraph(ckpt.vae).eval(),
+        io=graph_io(inputs, outputs),
+        inputs=inputs,
+        outputs=outputs,
+        make_inputs=make_inputs,
+        check_sizes=((1, 8 * s, 8 * s), (2, 6 * s, 10 * s)),
+    )
