@@ -111,16 +111,16 @@ def convert_to_fp16(
     constants = init_names | const_outputs
 
     # 1. Decide each node's compute precision: island, fp32 region, or fp16.
-    fp32_tensors = {name for name in fp32_inputs}
+    # Regions grow only from ``fp32_inputs``; island outputs are fp32 but do not start a region.
+    region = set(fp32_inputs)
+    fp32_tensors = set(fp32_inputs)
     node_fp32: list[bool] = []
     for node in g.node:
         float_ins = [x for x in node.input if is_float(x) and x not in constants]
-        if node.op_type in keep_ops:
-            fp32 = True
-        elif node.op_type in COMPUTE_OPS or not float_ins:
-            fp32 = False
-        else:
-            fp32 = all(x in fp32_tensors for x in float_ins)
+        in_region = bool(float_ins) and node.op_type not in COMPUTE_OPS and all(x in region for x in float_ins)
+        if in_region:
+            region.update(o for o in node.output if is_float(o))
+        fp32 = in_region or node.op_type in keep_ops
         node_fp32.append(fp32)
         if fp32:
             fp32_tensors.update(o for o in node.output if is_float(o))

@@ -1,0 +1,38 @@
+# Quick start: `make demo` (set up, export the embedded tiny checkpoint, write an image) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SDTRT := $(VENV)/bin/sdtrt
+STAMP := $(VENV)/.sdtrt-installed
+# The CPU build is enough for the demo and the tests; on GPU servers install the CUDA build you want first
+# (any torch already in the venv is kept).
+TORCH_SPEC ?= torch==2.13.0
+DEMO ?= demo
+
+.PHONY: setup demo test lint trt-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(SDTRT) init-random $(DEMO)/checkpoint --arch tiny-sd1 --seed 0 --overwrite
+	$(SDTRT) export $(DEMO)/checkpoint $(DEMO)/workdir
+	@echo "demo: exported ONNX graphs and manifest in $(DEMO)/workdir"
+
+lint: setup
+	$(VENV)/bin/ruff check sdtrt tests benchmarks
+
+trt-check:
+	@if [ -f ../shared/trt-api/check.py ]; then $(PYTHON) ../shared/trt-api/check.py sdtrt; else echo "trt-check: ../shared/trt-api/check.py not found, skipped"; fi
+
+test: setup lint trt-check
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

@@ -1,0 +1,158 @@
+"""The ``sdtrt`` command line: flags map to frozen config dataclasses here and nowhere else.
+
+Any ``SdtrtError`` (bad input, failed validation) becomes one line on stderr and exit code 2; ``--debug`` shows
+the traceback instead. Anything else is a bug: one line saying so, exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from sdtrt.errors import SdtrtError, UsageError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so usage errors take the same one-line path as every other."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (for scripts)")
+
+
+def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="DIR",
+                   help="diffusers-format folder whose component configs describe a single-file checkpoint")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="CLIP tokenizer folder, for a single-file checkpoint without tokenizer/ beside it")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .ckpt/.pt pickles (with torch.load(weights_only=True)); refused by default")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdtrt.checkpoint.archs import KNOWN_ARCHS
+    from sdtrt.export.spec import COMPONENTS, DEFAULT_OPSET, PRECISIONS
+
+    parser = _Parser(prog="sdtrt", description="TensorRT-accelerated Stable Diffusion: export, build, generate.")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("init-random", help="write a diffusers-format checkpoint with random weights")
+    _common(p)
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--arch", required=True, choices=KNOWN_ARCHS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--single-file", type=Path, metavar="PATH",
+                   help="also write the weights as one original-layout .safetensors file")
+
+    p = sub.add_parser("export", help="checkpoint -> validated ONNX graphs in WORKDIR")
+    _common(p)
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="diffusers folder or single-file checkpoint")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--vae-precision", choices=PRECISIONS, default=None,
+                   help="precision of the VAE graphs (default: --precision); fp32 for VAEs that overflow in fp16")
+    p.add_argument("--components", default=",".join(COMPONENTS), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(COMPONENTS)}")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
+    _checkpoint_flags(p)
+    return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # Never reach for a hub: every file sdtrt reads is local.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _cmd_init_random(args: argparse.Namespace) -> None:
+    from sdtrt.checkpoint.random_init import init_random
+
+    path = init_random(args.dir, args.arch, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
+    if args.single_file:
+        from sdtrt.checkpoint.diffusers_dir import load_diffusers_dir
+        from sdtrt.checkpoint.ldm_layout import save_single_file
+
+        save_single_file(load_diffusers_dir(path), args.single_file)
+    if not args.quiet:
+        print(f"wrote {args.arch} checkpoint with random weights (seed {args.seed}) to {path}")
+        if args.single_file:
+            print(f"wrote single-file checkpoint {args.single_file}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from sdtrt.checkpoint.loader import load_checkpoint
+    from sdtrt.export.pipeline import export_checkpoint
+    from sdtrt.export.spec import ExportSpec
+
+    spec = ExportSpec(
+        precision=args.precision,
+        vae_precision=args.vae_precision,
+        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        opset=args.opset,
+        validate=not args.no_validate,
+    )
+    ckpt = load_checkpoint(args.checkpoint, config_dir=args.config, tokenizer_dir=args.tokenizer,
+                           allow_pickle=args.allow_pickle)
+    manifest = export_checkpoint(ckpt, args.workdir, spec, progress=not args.quiet)
+    if args.quiet:
+        return
+    print(f"exported {ckpt.arch or ckpt.family} ({ckpt.format}) to {args.workdir}")
+    for name in spec.components:
+        entry = manifest["components"][name]
+        worst = ""
+        if entry["validation"]:
+            checks = [v for per_shape in entry["validation"] for v in per_shape.values()]
+            w = max(checks, key=lambda v: v["value"] / v["tolerance"])
+            worst = f"  max error {w['value']:.2g} ({w['metric']}, tolerance {w['tolerance']:g})"
+        print(f"  {name:<13} {entry['precision']}  {entry['files'][0]['path']}{worst}")
+
+
+COMMANDS = {"init-random": _cmd_init_random, "export": _cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    _configure_logging(debug)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("no command given (see `sdtrt --help`)")
+        COMMANDS[args.command](args)
+        return 0
+    except SdtrtError as e:
+        if debug:
+            raise
+        print(f"sdtrt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sdtrt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        print(f"sdtrt: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
