@@ -14,17 +14,20 @@ from sdtrt.export.component import ComponentExport, TensorSpec, graph_io
 
 
 class VaeDecoderGraph(torch.nn.Module):
-    """latent (B, 4, H/8, W/8) scaled latents -> image (B, H, W, 3) uint8, as diffusers' postprocess makes it."""
+    """latent (B, 4, H/8, W/8) scaled latents -> image (B, H, W, 3) uint8, as diffusers' postprocess makes it,
+    and finite (B,) bool: whether the decoded image was free of NaN/inf before the uint8 cast hid it (the fp16
+    black-image failure), so the runtime can report it instead of returning a black image."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
         self.vae = vae
         self.scaling_factor = float(vae.config.scaling_factor)
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        finite = torch.isfinite(image).flatten(1).all(1)  # (B,)
         image = ((image / 2 + 0.5).clamp(0, 1) * 255).round()
-        return image.to(torch.uint8).permute(0, 2, 3, 1)
+        return image.to(torch.uint8).permute(0, 2, 3, 1), finite
 
 
 class VaeEncoderGraph(torch.nn.Module):
@@ -54,7 +57,7 @@ def vae_decoder_export(ckpt: Checkpoint) -> ComponentExport:
     ch = ckpt.vae.config.latent_channels
     s = vae_scale_factor(ckpt)
     inputs = (TensorSpec("latent", ("B", ch, "H", "W"), "float"),)
-    outputs = (TensorSpec("image", ("B", f"{s}H", f"{s}W", 3), "uint8"),)
+    outputs = (TensorSpec("image", ("B", f"{s}H", f"{s}W", 3), "uint8"), TensorSpec("finite", ("B",), "bool"))
 
     def make_inputs(batch: int, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (torch.randn(batch, ch, height // s, width // s, generator=gen),)

@@ -8,6 +8,7 @@ Tolerances (``TOLERANCES``), per output, on inputs drawn from a seeded generator
   errors compound through ~100 layers; measured 1e-3 to 5e-3 on the tiny checkpoints).
 * uint8 images: the largest difference in pixel levels. fp32: 1 level (a value at x.5 may round either way);
   fp16: 8 levels of 255 (~3%), with the mean difference also reported.
+* bool flags (the decoder's ``finite``): the number of disagreeing elements, which must be 0.
 
 For fp16 graphs the float inputs are rounded to fp16 first and the torch module (fp32) sees the same rounded
 values, so only the graph's own precision is measured.
@@ -29,12 +30,16 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("fp16", "float"): 2e-2,
     ("fp32", "uint8"): 1.0,
     ("fp16", "uint8"): 8.0,
+    ("fp32", "bool"): 0.0,
+    ("fp16", "bool"): 0.0,
 }
+METRICS = {"float": "rel_to_peak", "uint8": "max_levels", "bool": "mismatches"}
 
 
 @dataclass(frozen=True)
 class OutputError:
     output: str
+    kind: str  # float, uint8 or bool
     shape: tuple[int, ...]
     max_abs: float
     mean_abs: float
@@ -52,7 +57,7 @@ class OutputError:
             "max_abs": self.max_abs,
             "mean_abs": self.mean_abs,
             "ref_max_abs": self.ref_max_abs,
-            "metric": "max_levels" if self.tolerance >= 1 else "rel_to_peak",
+            "metric": METRICS[self.kind],
             "value": self.metric,
             "tolerance": self.tolerance,
             "passed": self.passed,
@@ -96,11 +101,15 @@ def validate_component(comp: ComponentExport, path: Path, precision: str, seed: 
                 raise ExportError(f"{comp.name}: output {spec.name} has shape {got.shape} in ONNX Runtime, {want.shape} in torch")
             diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
             peak = float(np.abs(want.astype(np.float64)).max())
-            kind = "uint8" if spec.dtype == "uint8" else "float"
-            metric = float(diff.max()) if kind == "uint8" else float(diff.max() / max(peak, 1e-12))
+            kind = spec.dtype if spec.dtype in ("uint8", "bool") else "float"
+            if kind == "float":
+                metric = float(diff.max() / max(peak, 1e-12))
+            else:
+                metric = float(diff.max()) if kind == "uint8" else float((diff != 0).sum())
             errors.append(
                 OutputError(
                     output=spec.name,
+                    kind=kind,
                     shape=tuple(got.shape),
                     max_abs=float(diff.max()),
                     mean_abs=float(diff.mean()),
@@ -117,7 +126,7 @@ def raise_if_failed(component: str, precision: str, results: list[list[OutputErr
     for errors in results:
         for e in errors:
             if not e.passed:
-                what = "max level difference" if e.tolerance >= 1 else "relative error"
+                what = {"float": "relative error", "uint8": "max level difference", "bool": "mismatches"}[e.kind]
                 raise ExportError(
                     f"{component} ({precision}) failed validation against torch: output {e.output} at shape "
                     f"{list(e.shape)} has {what} {e.metric:.3g} > tolerance {e.tolerance:g}"
