@@ -1,0 +1,103 @@
+"""The one backend protocol: a backend makes a ``Runner`` per component; a runner owns static buffers.
+
+Lifecycle (after Polygraphy's runners): ``activate(dims)`` allocates the input and output buffers for one shape
+(a no-op when the shape is unchanged) -> the caller copies into ``inputs`` -> ``run()`` enqueues the graph, reading
+``inputs`` and writing ``outputs`` -> ``deactivate()`` frees them. Buffers are *static*: the same tensors, at the
+same addresses, for every ``run()`` at one shape, which is what lets the pipeline capture a whole denoising loop in
+one CUDA graph. The pipeline never asks which backend it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from sdtrt.errors import ShapeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class Runner(Protocol):
+    """One component graph (text_encoder, unet, vae_decoder or vae_encoder) on one backend."""
+
+    name: str
+    inputs: dict[str, torch.Tensor]  # static input buffers of the active shape
+    outputs: dict[str, torch.Tensor]  # static output buffers of the active shape: valid until the next run()
+
+    def activate(self, dims: Mapping[str, int]) -> None: ...
+
+    def run(self) -> None: ...
+
+    def deactivate(self) -> None: ...
+
+
+class Backend(Protocol):
+    """``capturable``: runners' ``run()`` may be recorded into a CUDA graph on ``torch.cuda.current_stream()``."""
+
+    name: str
+    device: torch.device
+    capturable: bool
+
+    def runner(self, component: str) -> Runner: ...
+
+
+def resolve_shape(shape: list[int | str], dims: Mapping[str, int]) -> tuple[int, ...]:
+    """A manifest shape (ints and axis names such as ``"2B"``, ``"H"``, ``"8H"``) with its axis names resolved."""
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif d in dims:
+            out.append(int(dims[d]))
+        else:
+            raise ShapeError(f"no size given for axis {d!r}")
+    return tuple(out)
+
+
+class BufferedRunner:
+    """Shared buffer management: subclasses implement ``_bind()`` (after (re)allocation) and ``run()``."""
+
+    def __init__(self, name: str, entry: Mapping, device: torch.device, float_dtype: torch.dtype | None = None) -> None:
+        self.name = name
+        self.device = device
+        self._entry = entry
+        self._float_dtype = float_dtype  # overrides the manifest's float dtypes (the torch backend computes natively)
+        self._dims: dict[str, int] | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def _dtype(self, spec: Mapping) -> torch.dtype:
+        dt = DTYPES[spec["dtype"]]
+        if self._float_dtype is not None and dt.is_floating_point and spec["name"] != "timestep":
+            return self._float_dtype
+        return dt
+
+    def _alloc(self, specs, dims) -> dict[str, torch.Tensor]:
+        return {
+            s["name"]: torch.zeros(resolve_shape(s["shape"], dims), dtype=self._dtype(s), device=self.device)
+            for s in specs
+        }
+
+    def activate(self, dims: Mapping[str, int]) -> None:
+        dims = dict(dims)
+        if dims == self._dims:
+            return
+        self.inputs = self._alloc(self._entry["inputs"], dims)
+        self.outputs = self._alloc(self._entry["outputs"], dims)
+        self._dims = dims
+        self._bind()
+
+    def _bind(self) -> None:
+        pass
+
+    def deactivate(self) -> None:
+        self.inputs, self.outputs, self._dims = {}, {}, None

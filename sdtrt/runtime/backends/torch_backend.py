@@ -1,0 +1,62 @@
+"""The reference backend: the checkpoint's own torch modules (fp16 on CUDA, fp32 on CPU), behind the same graph
+wrappers the exporter traces, so every backend computes the same function."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from sdtrt.errors import CheckpointError
+from sdtrt.runtime.backends.base import BufferedRunner
+
+
+class TorchRunner(BufferedRunner):
+    def __init__(self, name: str, entry: Mapping, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        super().__init__(name, entry, device, float_dtype=dtype)
+        self.module = module
+        self._in_names = [s["name"] for s in entry["inputs"]]
+        self._out_names = [s["name"] for s in entry["outputs"]]
+
+    def run(self) -> None:
+        with torch.inference_mode():
+            out = self.module(*(self.inputs[n] for n in self._in_names))
+            out = out if isinstance(out, tuple) else (out,)
+            for name, value in zip(self._out_names, out, strict=True):
+                self.outputs[name].copy_(value)
+
+
+class TorchBackend:
+    """Loads the WORKDIR's source checkpoint (recorded in the manifest) into torch modules."""
+
+    name = "torch"
+
+    def __init__(self, workdir: Path, manifest: Mapping, device: torch.device) -> None:
+        from sdtrt.checkpoint.loader import load_checkpoint
+        from sdtrt.export.clip import TextEncoderGraph
+        from sdtrt.export.unet import UNetGraph
+        from sdtrt.export.vae import VaeDecoderGraph, VaeEncoderGraph
+
+        source = Path(manifest["source"]["path"])
+        if not source.exists():
+            raise CheckpointError(f"the torch backend runs the source checkpoint, {source}, which is missing; "
+                                  "use --backend onnxruntime or tensorrt, or restore the checkpoint")
+        ckpt = load_checkpoint(source, allow_pickle=source.suffix in (".ckpt", ".pt", ".pth"))
+        self.device = device
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.capturable = device.type == "cuda"
+        self._manifest = manifest
+        wrappers = {
+            "text_encoder": lambda: TextEncoderGraph(ckpt.text_encoder),
+            "unet": lambda: UNetGraph(ckpt.unet),
+            "vae_decoder": lambda: VaeDecoderGraph(ckpt.vae),
+            "vae_encoder": lambda: VaeEncoderGraph(ckpt.vae),
+        }
+        self._modules = {n: w().eval().to(device=device, dtype=self.dtype) for n, w in wrappers.items()}
+        # diffusers keeps the sinusoidal timestep projection in fp32 itself; nothing else to special-case.
+        self.source = ckpt
+
+    def runner(self, component: str) -> TorchRunner:
+        entry = self._manifest["components"][component]
+        return TorchRunner(component, entry, self._modules[component], self.device, self.dtype)

@@ -1,0 +1,313 @@
+"""The Stable Diffusion pipeline over a WORKDIR: text encoding, the denoising loop, decoding.
+
+Seeds mean what they mean in diffusers: the initial latents are drawn from a CPU ``torch.Generator`` seeded with
+the request's seed, exactly as ``StableDiffusionPipeline`` draws them, and stochastic schedulers' step noise is
+drawn from the same generator afterwards, one tensor per step in diffusers' order; all of it before the loop, so
+the loop itself never touches the host. Same checkpoint, seed, scheduler and steps: the same image as diffusers.
+
+Per request: (1) tokens -> text embeddings (LRU-cached per prompt), (2) latents and step noise, (3) the loop over
+static buffers, captured in one CUDA graph per ``LoopKey`` where the backend allows, (4) decode to uint8 pixels,
+(5) one host sync: the finiteness checks and the copy of the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.export.manifest import read_manifest
+from sdtrt.runtime import schedulers
+from sdtrt.runtime.backends import Backend, load_backend
+from sdtrt.runtime.graphs import LoopGraph, LoopKey
+from sdtrt.runtime.request import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+TEXT_CACHE_SIZE = 64
+COMPONENTS_NEEDED = ("text_encoder", "unet", "vae_decoder")
+
+
+# diffusers scheduler classes -> our names: the default scheduler is the checkpoint's own.
+_CLASS_TO_NAME = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "LMSDiscreteScheduler": "lms",
+    "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+}
+SCHEDULER_NAMES: tuple[str, ...] = tuple(schedulers.SCHEDULERS)
+_A1111_NAME = {ours: a1111 for a1111, ours in reversed(list(schedulers.A1111_SAMPLERS.items()))}
+
+
+def default_scheduler_name(config: Mapping[str, Any]) -> str:
+    cls = config.get("_class_name", "")
+    if cls == "DPMSolverMultistepScheduler":
+        return "dpmpp_2m_karras" if config.get("use_karras_sigmas") else "dpmpp_2m"
+    return _CLASS_TO_NAME.get(cls, "ddim")
+
+
+class NonFiniteError(SdtrtError):
+    """NaN or inf appeared in a stage's output (typically an fp16 overflow)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    images: list  # PIL images
+    timings: dict[str, float]  # seconds per stage: text_encoder, denoise, vae_decoder, total
+    request: GenerateRequest  # with every default filled in
+    backend: str
+    infotexts: list[str]  # A1111-style "parameters" text per image
+
+
+@dataclass
+class _LoopState:
+    """Static buffers of one LoopKey; the loop reads and writes only these."""
+
+    key: LoopKey
+    tables: Any
+    x: torch.Tensor  # (B, 4, h, w) float32 latents
+    noise: torch.Tensor  # (E, B, 4, h, w) float32 step noise (E=0 rows when the scheduler needs none)
+    history: torch.Tensor | None
+    guidance: torch.Tensor  # () float32
+    graph: LoopGraph | None = None
+
+
+class Pipeline:
+    """``Pipeline.load(workdir, backend="auto")``, then ``pipe(prompt, num_inference_steps=..., ...)``."""
+
+    def __init__(self, workdir: Path, manifest: Mapping, backend: Backend, tokenizer: Any, scheduler_config: dict) -> None:
+        self.workdir = workdir
+        self.manifest = manifest
+        self.backend = backend
+        self.device = backend.device
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.model = manifest["model"]
+        self.default_scheduler = default_scheduler_name(scheduler_config)
+        self._text = backend.runner("text_encoder")
+        self._unet = backend.runner("unet")
+        self._decoder = backend.runner("vae_decoder")
+        self._encoder = backend.runner("vae_encoder") if "vae_encoder" in manifest["components"] else None
+        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._loops: dict[LoopKey, _LoopState] = {}
+        self.use_cuda_graph = backend.capturable and self.device.type == "cuda"
+
+    @classmethod
+    def load(cls, workdir: str | Path, backend: str = "auto") -> Pipeline:
+        from sdtrt.checkpoint.tokenizer import load_tokenizer
+
+        workdir = Path(workdir)
+        manifest = read_manifest(workdir)
+        missing = [c for c in COMPONENTS_NEEDED if c not in manifest["components"]]
+        if missing:
+            raise UsageError(f"{workdir}: the export lacks {', '.join(missing)}; run `sdtrt export` with all components")
+        tokenizer = load_tokenizer(workdir / "tokenizer")
+        scheduler_config = json.loads((workdir / "scheduler" / "scheduler_config.json").read_text())
+        return cls(workdir, manifest, load_backend(backend, workdir, manifest), tokenizer, scheduler_config)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | None = None,
+        clip_skip: int = 1,
+        image: Any = None,
+        strength: float = 0.75,
+    ) -> Result:
+        """Shaped like diffusers' call; returns images and per-stage timings."""
+        return self.generate(GenerateRequest(
+            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
+            scheduler=scheduler, seed=seed, batch=num_images_per_prompt, height=height, width=width,
+            clip_skip=clip_skip, init_image=image, strength=strength,
+        ))
+
+    def generate(self, request: GenerateRequest) -> Result:
+        req = request.validated(default_size=int(self.model["default_size"]), default_scheduler=self.default_scheduler,
+                                scheduler_names=SCHEDULER_NAMES)
+        if req.init_image is not None:
+            raise UsageError("img2img is not supported by this version of the runtime yet")
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        # 1. text embeddings: [uncond; cond], (2B or B, 77, C)
+        cfg = req.guidance > 1.0
+        cond = self._embed(req.prompt, req.clip_skip)
+        uncond = self._embed(req.negative_prompt, req.clip_skip) if cfg else None
+        sync()
+        t1 = time.perf_counter()
+        timings["text_encoder"] = t1 - t0
+
+        # 2. loop state for this key, latents and noise drawn as diffusers draws them
+        s = int(self.model["vae_scale_factor"])
+        key = LoopKey(req.batch, req.height, req.width, req.scheduler, req.steps, cfg, 0)
+        st = self._loop_state(key)
+        self._unet.activate({"2B": req.batch * (2 if cfg else 1), "H": req.height // s, "W": req.width // s})
+        ehs = self._unet.inputs["encoder_hidden_states"]
+        b = req.batch
+        if cfg:
+            ehs[:b].copy_(uncond.expand(b, -1, -1))
+            ehs[b:].copy_(cond.expand(b, -1, -1))
+        else:
+            ehs.copy_(cond.expand(b, -1, -1))
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        shape = (b, int(self.model["latent_channels"]), req.height // s, req.width // s)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32) * st.tables.init_noise_sigma
+        st.x.copy_(latents)
+        for i in range(st.noise.shape[0]):
+            st.noise[i].copy_(torch.randn(shape, generator=generator, dtype=torch.float32))
+        if st.history is not None:
+            st.history.zero_()
+        st.guidance.fill_(req.guidance)
+
+        # 3. the denoising loop
+        if st.graph is not None:
+            st.graph.replay()
+        else:
+            self._run_loop(st)
+            if self.use_cuda_graph:
+                st.graph = self._capture(st)
+        sync()
+        t2 = time.perf_counter()
+        timings["denoise"] = t2 - t1
+
+        # 4. decode: (B, 4, h, w) -> (B, H, W, 3) uint8 and finite (B,)
+        self._decoder.activate({"B": b, "H": req.height // s, "W": req.width // s, f"{s}H": req.height, f"{s}W": req.width})
+        self._decoder.inputs["latent"].copy_(st.x)
+        self._decoder.run()
+
+        # 5. the one host sync: checks, then pixels
+        if not bool(torch.isfinite(st.x).all()):
+            raise NonFiniteError("the denoising loop produced NaN/inf latents (UNet overflow); "
+                                 "re-export with --precision fp32 or lower the guidance")
+        if not bool(self._decoder.outputs["finite"].all()):
+            raise NonFiniteError("the VAE decoder produced NaN/inf pixels (fp16 overflow); re-export with --vae-precision fp32")
+        pixels = self._decoder.outputs["image"].cpu().numpy()
+        t3 = time.perf_counter()
+        timings["vae_decoder"] = t3 - t2
+        timings["total"] = t3 - t0
+
+        from PIL import Image
+
+        images = [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+        infotexts = [self.infotext(req, pos) for pos in range(b)]
+        return Result(images=images, timings=timings, request=req, backend=self.backend.name, infotexts=infotexts)
+
+    def infotext(self, req: GenerateRequest, batch_pos: int = 0) -> str:
+        """A1111's ``parameters`` text, so other Stable Diffusion tools read the settings back."""
+        parts = [
+            f"Steps: {req.steps}",
+            f"Sampler: {_A1111_NAME.get(req.scheduler, req.scheduler)}",
+            f"CFG scale: {req.guidance:g}",
+            f"Seed: {req.seed}",
+            f"Size: {req.width}x{req.height}",
+            f"Model: {self.manifest['source'].get('arch') or Path(self.manifest['source']['path']).name}",
+        ]
+        if req.clip_skip != 1:
+            parts.append(f"Clip skip: {req.clip_skip}")
+        if req.batch > 1:
+            parts += [f"Batch size: {req.batch}", f"Batch pos: {batch_pos}"]
+        parts.append(f"Backend: sdtrt {self.backend.name}")
+        text = req.prompt
+        if req.negative_prompt:
+            text += f"\nNegative prompt: {req.negative_prompt}"
+        return text + "\n" + ", ".join(parts)
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def _tokens(self, prompt: str) -> tuple[int, ...]:
+        max_len = int(self.model["max_length"])
+        full = self.tokenizer(prompt, truncation=False)["input_ids"]
+        if len(full) > max_len:
+            log.warning("prompt is %d tokens; truncated to %d (long prompts are not chunked yet)", len(full), max_len)
+        ids = self.tokenizer(prompt, padding="max_length", max_length=max_len, truncation=True)["input_ids"]
+        return tuple(ids)
+
+    def _embed(self, prompt: str, clip_skip: int) -> torch.Tensor:
+        """(1, 77, C) embedding of one prompt, cached by its token ids."""
+        ids = self._tokens(prompt)
+        key = (ids, clip_skip)
+        hit = self._text_cache.get(key)
+        if hit is not None:
+            self._text_cache.move_to_end(key)
+            return hit
+        self._text.activate({"B": 1})
+        self._text.inputs["input_ids"].copy_(torch.tensor([ids], dtype=torch.int32))
+        self._text.run()
+        out = self._text.outputs["last_hidden_state" if clip_skip == 1 else "penultimate_hidden_state"].clone()
+        self._text_cache[key] = out
+        if len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return out
+
+    def _loop_state(self, key: LoopKey) -> _LoopState:
+        st = self._loops.get(key)
+        if st is not None:
+            return st
+        sched = schedulers.get_scheduler(key.scheduler)
+        tables = sched.make_tables(self.scheduler_config, key.steps).to(self.device, torch.float32)
+        s = int(self.model["vae_scale_factor"])
+        shape = (key.batch, int(self.model["latent_channels"]), key.height // s, key.width // s)
+        x = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        noise = torch.zeros((tables.num_evals if tables.needs_noise else 0, *shape), dtype=torch.float32, device=self.device)
+        history = schedulers.new_history(tables, x)
+        st = _LoopState(key, tables, x, noise, history, torch.zeros((), dtype=torch.float32, device=self.device))
+        self._loops[key] = st
+        return st
+
+    def _run_loop(self, st: _LoopState) -> None:
+        """All evaluations of one request over static buffers. Python decisions here depend only on the key."""
+        sched = schedulers.get_scheduler(st.key.scheduler)
+        tables, b, cfg = st.tables, st.key.batch, st.key.cfg
+        sample = self._unet.inputs["sample"]  # (2B or B, 4, h, w)
+        timestep = self._unet.inputs["timestep"]  # (1,) float32
+        out = self._unet.outputs["latent"]  # (2B or B, 4, h, w)
+        empty = st.x[:0]
+        for i in range(st.key.start, tables.num_evals):
+            # (a) CFG batch: both halves see the same scaled latents
+            x_in = st.x * tables.c_in[i]
+            sample[:b].copy_(x_in)
+            if cfg:
+                sample[b:].copy_(x_in)
+            timestep.copy_(tables.timesteps[i : i + 1])
+            # (b) UNet
+            self._unet.run()
+            # (c) guidance: uncond + g * (cond - uncond), in float32
+            if cfg:
+                uncond = out[:b].float()
+                eps = uncond + st.guidance * (out[b:].float() - uncond)
+            else:
+                eps = out.float()
+            # (d) scheduler step
+            noise = st.noise[i] if st.noise.shape[0] else empty
+            st.x.copy_(sched.step(tables, i, st.x, eps, st.history, noise))
+
+    def _capture(self, st: _LoopState) -> LoopGraph | None:
+        buffers = [st.x, st.noise, st.guidance, *self._unet.inputs.values(), *self._unet.outputs.values()]
+        if st.history is not None:
+            buffers.append(st.history)
+        try:
+            return LoopGraph(st.key, lambda: self._run_loop(st), buffers)
+        except RuntimeError as e:  # explicit fallback: this backend's kernels could not be captured
+            log.warning("CUDA graph capture failed for %s (%s); running the loop eagerly", st.key, e)
+            self.use_cuda_graph = False
+            return None

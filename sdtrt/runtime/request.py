@@ -1,0 +1,71 @@
+"""A generation request, validated once at the edge; the hot loop trusts it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sdtrt.errors import UsageError
+
+MAX_SIDE = 2048
+MAX_BATCH = 64
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """txt2img (``init_image`` None) or img2img. ``height``/``width`` None: the checkpoint's native size.
+    ``scheduler`` None: the checkpoint's own. ``clip_skip`` counts as A1111 does: 1 = last layer, 2 = penultimate."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 30
+    guidance: float = 7.5
+    scheduler: str | None = None
+    seed: int = 0
+    batch: int = 1
+    height: int | None = None
+    width: int | None = None
+    clip_skip: int = 1
+    init_image: Any = None  # PIL.Image or (H, W, 3) uint8 array
+    strength: float = 0.75
+
+    def validated(self, *, default_size: int, default_scheduler: str, scheduler_names: tuple[str, ...]) -> GenerateRequest:
+        """Fill defaults and check every field; raise ``UsageError`` naming the first bad one."""
+        if not isinstance(self.prompt, str):
+            raise UsageError("prompt must be a string")
+        h = default_size if self.height is None else self.height
+        w = default_size if self.width is None else self.width
+        if self.init_image is not None and (self.height is None or self.width is None):
+            iw, ih = _image_size(self.init_image)
+            h = ih if self.height is None else h
+            w = iw if self.width is None else w
+        for name, v in (("height", h), ("width", w)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 8 or v > MAX_SIDE or v % 8:
+                raise UsageError(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= MAX_STEPS:
+            raise UsageError(f"steps must be an integer between 1 and {MAX_STEPS}, got {self.steps!r}")
+        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or not 1 <= self.batch <= MAX_BATCH:
+            raise UsageError(f"batch must be an integer between 1 and {MAX_BATCH}, got {self.batch!r}")
+        if not isinstance(self.guidance, (int, float)) or isinstance(self.guidance, bool) or not 0 <= self.guidance <= 100:
+            raise UsageError(f"guidance must be a number between 0 and 100, got {self.guidance!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise UsageError(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
+        if self.clip_skip not in (1, 2):
+            raise UsageError(f"clip-skip must be 1 (last layer) or 2 (penultimate layer), got {self.clip_skip!r}")
+        sched = default_scheduler if self.scheduler is None else self.scheduler
+        if sched not in scheduler_names:
+            raise UsageError(f"unknown scheduler {sched!r}; choose one of {', '.join(scheduler_names)}")
+        if self.init_image is not None:
+            if not isinstance(self.strength, (int, float)) or not 0 < self.strength <= 1:
+                raise UsageError(f"strength must be in (0, 1], got {self.strength!r}")
+        return replace(self, height=h, width=w, scheduler=sched, guidance=float(self.guidance))
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    if hasattr(image, "size") and callable(getattr(image, "convert", None)):  # PIL
+        return image.size
+    shape = getattr(image, "shape", None)
+    if shape is None or len(shape) != 3 or shape[2] != 3:
+        raise UsageError("init image must be a PIL image or an (H, W, 3) uint8 array")
+    return int(shape[1]), int(shape[0])
