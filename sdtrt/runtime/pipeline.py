@@ -30,6 +30,7 @@ from sdtrt.runtime import schedulers
 from sdtrt.runtime.backends import Backend, load_backend
 from sdtrt.runtime.graphs import LoopGraph, LoopKey
 from sdtrt.runtime.request import GenerateRequest
+from sdtrt.runtime.schedulers.tables import at
 
 log = logging.getLogger(__name__)
 
@@ -284,11 +285,11 @@ class Pipeline:
         empty = st.x[:0]
         for i in range(st.key.start, tables.num_evals):
             # (a) CFG batch: both halves see the same scaled latents
-            x_in = st.x * tables.c_in[i]
+            x_in = st.x * at(tables.c_in, i)
             sample[:b].copy_(x_in)
             if cfg:
                 sample[b:].copy_(x_in)
-            timestep.copy_(tables.timesteps[i : i + 1])
+            timestep.copy_(at(tables.timesteps, i))
             # (b) UNet
             self._unet.run()
             # (c) guidance: uncond + g * (cond - uncond), in float32

@@ -1,0 +1,249 @@
+"""The pipeline against diffusers' StableDiffusionPipeline: same checkpoint, seed, scheduler, steps -> same image."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from sdtrt.errors import UsageError
+from sdtrt.runtime.pipeline import NonFiniteError, Pipeline
+from sdtrt.runtime.png import read_parameters, save_png
+
+PROMPT = "a photo of a cat"
+
+# our name -> (diffusers class name, config overrides)
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd1_dir):
+    """diffusers' own pipeline on the tiny checkpoint, fp32 on CPU."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        tiny_sd1_dir, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    base = dict(pipe.scheduler.config)
+
+    def embed(text: str, clip_skip: int) -> torch.Tensor:
+        # diffusers' clip_skip path reaches for text_encoder.text_model, which transformers 5 removed; this is
+        # the same computation: hidden state (clip_skip) layers from the end, through the final LayerNorm.
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = pipe.text_encoder(ids, output_hidden_states=True)
+            return pipe.text_encoder.final_layer_norm(out.hidden_states[-clip_skip])
+
+    @functools.cache
+    def run(scheduler: str, steps: int = 6, seed: int = 0, guidance: float = 7.5, batch: int = 1,
+            negative: str = "", clip_skip: int = 1) -> np.ndarray:
+        cls, overrides = DIFFUSERS_SCHEDULERS[scheduler]
+        pipe.scheduler = getattr(diffusers, cls).from_config({**base, **overrides})
+        text = {"prompt": PROMPT, "negative_prompt": negative or None}
+        if clip_skip != 1:
+            text = {"prompt_embeds": embed(PROMPT, clip_skip), "negative_prompt_embeds": embed(negative, clip_skip)}
+        out = pipe(**text, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(seed), num_images_per_prompt=batch, height=64, width=64,
+                   output_type="np")
+        return (out.images * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil rounding
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def pipes(sd1_workdir_fp32, sd1_workdir_fp16):
+    return {
+        "onnxruntime-fp32": Pipeline.load(sd1_workdir_fp32, backend="onnxruntime"),
+        "torch": Pipeline.load(sd1_workdir_fp32, backend="torch"),
+        "onnxruntime-fp16": Pipeline.load(sd1_workdir_fp16, backend="onnxruntime"),
+    }
+
+
+def _images(result) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in result.images])
+
+
+def _levels(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return int(d.max()), float(d.mean())
+
+
+# Every scheduler on ONNX Runtime; the torch backend runs the same function, so a deterministic, a multistep and a
+# stochastic scheduler suffice there.
+@pytest.mark.parametrize(
+    "backend, scheduler",
+    [("onnxruntime-fp32", s) for s in DIFFUSERS_SCHEDULERS] + [("torch", s) for s in ("ddim", "dpmpp_2m_karras", "euler_a")],
+)
+def test_seed_parity_with_diffusers(reference, pipes, scheduler, backend):
+    ref = reference(scheduler)
+    got = _images(pipes[backend](PROMPT, num_inference_steps=6, seed=0, scheduler=scheduler))
+    assert got.shape == ref.shape == (1, 64, 64, 3)
+    assert ref.std() > 5  # a real image, not a flat one that would match anything
+    worst, mean = _levels(got, ref)
+    assert worst <= 2 and mean < 0.05, (worst, mean)
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_karras", "euler_a"])
+def test_seed_parity_fp16_graphs(reference, pipes, scheduler):
+    ref = reference(scheduler)
+    got = _images(pipes["onnxruntime-fp16"](PROMPT, num_inference_steps=6, seed=0, scheduler=scheduler))
+    worst, mean = _levels(got, ref)
+    assert worst <= 12 and mean < 1.5, (worst, mean)
+
+
+def test_other_seed_other_image(pipes):
+    a = _images(pipes["onnxruntime-fp32"](PROMPT, num_inference_steps=3, seed=1))
+    b = _images(pipes["onnxruntime-fp32"](PROMPT, num_inference_steps=3, seed=2))
+    assert _levels(a, b)[1] > 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"guidance": 1.0},  # no CFG: the UNet runs on B rows
+        {"batch": 2},
+        {"negative": "blurry"},
+        {"clip_skip": 2},
+        {"seed": 1234, "steps": 3},
+    ],
+    ids=["no-cfg", "batch2", "negative", "clip-skip-2", "seed"],
+)
+def test_options_parity_with_diffusers(reference, pipes, kwargs):
+    ref = reference("ddim", **kwargs)
+    got = _images(pipes["onnxruntime-fp32"](
+        PROMPT, num_inference_steps=kwargs.get("steps", 6), seed=kwargs.get("seed", 0),
+        guidance_scale=kwargs.get("guidance", 7.5), num_images_per_prompt=kwargs.get("batch", 1),
+        negative_prompt=kwargs.get("negative", ""), clip_skip=kwargs.get("clip_skip", 1), scheduler="ddim",
+    ))
+    worst, mean = _levels(got, ref)
+    assert got.shape == ref.shape
+    assert worst <= 2 and mean < 0.05, (worst, mean)
+
+
+def test_v_prediction_parity(tiny_sd2_dir, sd2_workdir_fp32):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        tiny_sd2_dir, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    ref = pipe(PROMPT, num_inference_steps=5, generator=torch.Generator().manual_seed(3), height=64, width=64,
+               output_type="np").images
+    ref = (ref * 255).round().astype(np.uint8)
+    ours = Pipeline.load(sd2_workdir_fp32, backend="onnxruntime")
+    assert ours.default_scheduler == "ddim"
+    got = _images(ours(PROMPT, num_inference_steps=5, seed=3))
+    worst, mean = _levels(got, ref)
+    assert worst <= 2 and mean < 0.05, (worst, mean)
+
+
+def test_onnxruntime_equals_torch(pipes):
+    a = pipes["onnxruntime-fp32"](PROMPT, num_inference_steps=4, seed=5)
+    b = pipes["torch"](PROMPT, num_inference_steps=4, seed=5)
+    worst, _ = _levels(_images(a), _images(b))
+    assert worst <= 1
+    assert a.backend == "onnxruntime-cpu" and b.backend == "torch"
+
+
+def test_text_embeddings_are_cached(pipes):
+    pipe = pipes["onnxruntime-fp32"]
+    calls = []
+    runner = pipe._text
+    original = runner.run
+    runner.run = lambda: (calls.append(1), original())[1]
+    try:
+        pipe("a cached prompt", negative_prompt="a cached negative", num_inference_steps=1, seed=0)
+        first = len(calls)
+        pipe("a cached prompt", negative_prompt="a cached negative", num_inference_steps=1, seed=1)
+    finally:
+        runner.run = original
+    assert first == 2  # prompt and negative prompt, once each
+    assert len(calls) == 2  # the second request hits the cache
+
+
+def test_timings_and_infotext(pipes):
+    r = pipes["onnxruntime-fp32"](PROMPT, negative_prompt="ugly", num_inference_steps=2, seed=7,
+                                  scheduler="dpmpp_2m_karras", guidance_scale=5)
+    assert set(r.timings) == {"text_encoder", "denoise", "vae_decoder", "total"}
+    assert all(v >= 0 for v in r.timings.values())
+    assert r.infotexts[0].splitlines()[:2] == [PROMPT, "Negative prompt: ugly"]
+    assert "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 7, Size: 64x64" in r.infotexts[0]
+
+
+def test_png_parameters_round_trip(pipes, tmp_path):
+    r = pipes["onnxruntime-fp32"](PROMPT, num_inference_steps=1, seed=0)
+    path = save_png(r.images[0], tmp_path / "a.png", r.infotexts[0])
+    assert read_parameters(path) == r.infotexts[0]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(r.images[0]))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary left
+
+
+def test_nan_latents_are_reported(pipes, monkeypatch):
+    pipe = pipes["onnxruntime-fp32"]
+    runner = pipe._unet
+    original = runner.run
+
+    def poisoned():
+        original()
+        runner.outputs["latent"].fill_(float("nan"))
+
+    monkeypatch.setattr(runner, "run", poisoned)
+    with pytest.raises(NonFiniteError, match="denoising loop produced NaN/inf latents"):
+        pipe(PROMPT, num_inference_steps=2, seed=0)
+
+
+def test_nan_pixels_are_reported(pipes, monkeypatch):
+    pipe = pipes["onnxruntime-fp32"]
+    runner = pipe._decoder
+    original = runner.run
+
+    def overflowing():
+        original()
+        runner.outputs["finite"].fill_(False)
+
+    monkeypatch.setattr(runner, "run", overflowing)
+    with pytest.raises(NonFiniteError, match="VAE decoder produced NaN/inf pixels.*--vae-precision fp32"):
+        pipe(PROMPT, num_inference_steps=1, seed=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"height": 60}, "height must be a multiple of 8"),
+        ({"width": 4096}, "width must be a multiple of 8 between 8 and 2048"),
+        ({"num_inference_steps": 0}, "steps must be an integer between 1 and 1000"),
+        ({"num_images_per_prompt": 0}, "batch must be an integer between 1 and 64"),
+        ({"guidance_scale": -1}, "guidance must be a number between 0 and 100"),
+        ({"seed": -5}, "seed must be a non-negative integer"),
+        ({"clip_skip": 3}, "clip-skip must be 1"),
+        ({"scheduler": "nope"}, "unknown scheduler 'nope'; choose one of ddim, pndm"),
+    ],
+)
+def test_bad_requests(pipes, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        pipes["onnxruntime-fp32"](PROMPT, **kwargs)
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipes, caplog):
+    with caplog.at_level("WARNING"):
+        pipes["onnxruntime-fp32"](" ".join(["cat"] * 200), num_inference_steps=1)
+    assert "truncated to 77" in caplog.text
