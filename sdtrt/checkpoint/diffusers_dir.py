@@ -1,0 +1,378 @@
+"""Load a diffusers-format Stable Diffusion 1.x / 2.x folder, offline, into a ``Checkpoint``.
+
+Every way a folder can be wrong (missing parts, corrupt weights, unsupported variants) is reported as a one-line
+``CheckpointError`` naming the file or folder, before or instead of a traceback from diffusers/transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sdtrt.checkpoint.archs import KNOWN_ARCHS, arch_spec, family_of, read_component_configs
+from sdtrt.checkpoint.model import Checkpoint
+from sdtrt.checkpoint.random_init import ARCH_FILE
+from sdtrt.checkpoint.tokenizer import load_tokenizer
+from sdtrt.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+COMPONENT_DIRS = ("text_encoder", "unet", "vae", "scheduler")
+_WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+_UNET_KINDS = {9: "an inpainting model", 5: "a depth-to-image model", 7: "an upscaler"}
+
+# Config keys that fix the weights' shapes and the graph; the rest (sample_size, upcast_attention, scaling
+# factors, ...) may differ between checkpoints of one architecture.
+_ARCH_KEYS: dict[str, tuple[str, ...]] = {
+    "text_encoder": (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+    ),
+    "unet": (
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "down_block_types",
+        "mid_block_type",
+        "up_block_types",
+        "layers_per_block",
+        "attention_head_dim",
+        "num_attention_heads",
+        "cross_attention_dim",
+        "transformer_layers_per_block",
+        "use_linear_projection",
+        "only_cross_attention",
+        "norm_num_groups",
+    ),
+    "vae": (
+        "in_channels",
+        "out_channels",
+        "latent_channels",
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "layers_per_block",
+        "norm_num_groups",
+    ),
+}
+
+
+def load_diffusers_dir(path: Path, tokenizer_dir: Path | None = None, *, allow_pickle: bool = False) -> Checkpoint:
+    """Load a diffusers folder (``model_index.json``, ``text_encoder/``, ``tokenizer/``, ``unet/``, ``vae/``,
+    ``scheduler/``) as fp32 eval-mode modules, from local files only.
+
+    ``tokenizer_dir`` replaces (or stands in for a missing) ``tokenizer/``. Pickle weights (``.bin``) are refused
+    unless ``allow_pickle``. ``arch`` is the known architecture the configs match, or ``None``.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    _check_folder(path)
+    index = _read_json(path / "model_index.json")
+    _check_pipeline(path, index)
+    for comp in COMPONENT_DIRS:
+        if not (path / comp).is_dir():
+            raise CheckpointError(
+                f"{path / comp}: missing {comp} folder (a diffusers checkpoint needs {', '.join(COMPONENT_DIRS)})"
+            )
+    configs = read_component_configs(path)
+    _check_supported(path, configs)
+    family = family_of(configs)
+    arch = match_arch(configs, hint=_read_arch_hint(path))
+
+    tokenizer = _load_tokenizer(path, tokenizer_dir, configs["text_encoder"])
+    weights = {comp: _find_weights(path / comp, comp, allow_pickle) for comp in _WEIGHT_STEMS}
+    classes = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    models = {comp: _load_component(path / comp, classes[comp], *weights[comp]) for comp in _WEIGHT_STEMS}
+    for model in models.values():
+        if model.dtype != torch.float32:  # fp16 variants
+            model.to(torch.float32)
+        model.eval()
+    logger.info("loaded %s (diffusers, arch=%s, family=%s)", path, arch, family)
+    return Checkpoint(
+        source=path,
+        format="diffusers",
+        arch=arch,
+        family=family,
+        text_encoder=models["text_encoder"],
+        tokenizer=tokenizer,
+        unet=models["unet"],
+        vae=models["vae"],
+        scheduler_config=configs["scheduler"],
+    )
+
+
+def match_arch(configs: dict[str, dict[str, Any]], hint: str | None = None) -> str | None:
+    """The known architecture whose configs equal ``configs`` on the architecture-defining keys, else ``None``.
+
+    ``hint`` (from ``sdtrt_arch.json``) is tried first.
+    """
+    order = ([hint] if hint in KNOWN_ARCHS else []) + [a for a in KNOWN_ARCHS if a != hint]
+    key = _arch_key(configs)
+    for name in order:
+        if _known_arch_key(name) == key:
+            return name
+    if hint is not None:
+        logger.warning("%s says arch %r, but the component configs do not match it", ARCH_FILE, hint)
+    return None
+
+
+def _check_folder(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a diffusers checkpoint folder (it is a file)")
+    if not (path / "model_index.json").is_file():
+        hint = ""
+        if any(path.glob("*.safetensors")) or any(path.glob("*.ckpt")):
+            hint = " (for a single-file checkpoint, pass the .safetensors/.ckpt file itself)"
+        raise CheckpointError(f"not a diffusers checkpoint folder: {path} has no model_index.json{hint}")
+
+
+def _read_json(f: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    return obj
+
+
+def _check_pipeline(path: Path, index: dict[str, Any]) -> None:
+    name = index.get("_class_name", "?")
+    if "text_encoder_2" in index or "XL" in str(name):
+        raise CheckpointError(f"{path}: {name} (SDXL) checkpoints are not supported yet")
+    missing = [c for c in ("text_encoder", "unet", "vae") if c not in index]
+    if missing:
+        raise CheckpointError(
+            f"{path / 'model_index.json'}: {name} has no {', '.join(missing)}: not a Stable Diffusion 1.x/2.x checkpoint"
+        )
+
+
+def _check_supported(path: Path, configs: dict[str, dict[str, Any]]) -> None:
+    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
+    unet_cfg, vae_cfg, te_cfg = (
+        path / "unet" / "config.json",
+        path / "vae" / "config.json",
+        path / "text_encoder" / "config.json",
+    )
+    sched_cfg = path / "scheduler" / "scheduler_config.json"
+    for f, cfg in ((te_cfg, te), (unet_cfg, unet), (vae_cfg, vae), (sched_cfg, configs["scheduler"])):
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{f}: expected a JSON object")
+    prediction = configs["scheduler"].get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise CheckpointError(f"{sched_cfg}: prediction_type {prediction!r}: not supported yet (epsilon, v_prediction)")
+    if te.get("model_type", "clip_text_model") != "clip_text_model":
+        raise CheckpointError(
+            f"{te_cfg}: text encoder model_type {te.get('model_type')!r}: only CLIP text encoders are supported"
+        )
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise CheckpointError(f"{unet_cfg}: {unet['_class_name']} is not supported yet (only UNet2DConditionModel)")
+    in_ch = unet.get("in_channels", 4)
+    if in_ch != 4:
+        kind = _UNET_KINDS.get(in_ch, "not a text-to-image model")
+        raise CheckpointError(f"{unet_cfg}: unet has in_channels={in_ch} ({kind}): not supported yet")
+    if unet.get("out_channels", 4) != 4:
+        raise CheckpointError(f"{unet_cfg}: unet has out_channels={unet['out_channels']}: not supported yet")
+    for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
+        if unet.get(k) is not None:
+            raise CheckpointError(f"{unet_cfg}: unet uses {k}={unet[k]!r} (extra conditioning): not supported yet")
+    if vae.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise CheckpointError(f"{vae_cfg}: {vae['_class_name']} is not supported yet (only AutoencoderKL)")
+    if vae.get("latent_channels", 4) != 4:
+        raise CheckpointError(f"{vae_cfg}: vae has latent_channels={vae['latent_channels']}: not supported yet")
+    hidden, cross = te.get("hidden_size"), unet.get("cross_attention_dim")
+    if hidden != cross:
+        raise CheckpointError(
+            f"{path}: unet cross_attention_dim={cross} does not match text_encoder hidden_size={hidden}: mismatched components"
+        )
+
+
+def _read_arch_hint(path: Path) -> str | None:
+    f = path / ARCH_FILE
+    if not f.is_file():
+        return None
+    try:
+        arch = json.loads(f.read_text()).get("arch")
+    except (OSError, ValueError, AttributeError):
+        logger.warning("%s: unreadable, ignored", f)
+        return None
+    return arch if isinstance(arch, str) else None
+
+
+def _load_tokenizer(path: Path, tokenizer_dir: Path | None, te_config: dict[str, Any]):
+    if tokenizer_dir is None:
+        tokenizer_dir = path / "tokenizer"
+        if not tokenizer_dir.exists():
+            raise CheckpointError(
+                f"{path}: has no tokenizer/ folder; pass --tokenizer DIR (a CLIP tokenizer folder with vocab.json and merges.txt)"
+            )
+    tok = load_tokenizer(Path(tokenizer_dir))
+    vocab_size = te_config.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tok) > vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_dir}: tokenizer has {len(tok)} tokens but the text encoder embeds only {vocab_size}: wrong tokenizer"
+        )
+    max_pos = te_config.get("max_position_embeddings", 77)
+    if tok.model_max_length > max_pos:
+        # A tokenizer_config.json without model_max_length gives a huge sentinel; prompts must fit the encoder.
+        logger.warning(
+            "%s: model_max_length %s > text encoder's %d; using %d",
+            tokenizer_dir,
+            tok.model_max_length,
+            max_pos,
+            max_pos,
+        )
+        tok.model_max_length = max_pos
+    return tok
+
+
+def _find_weights(comp_dir: Path, comp: str, allow_pickle: bool) -> tuple[Path, str | None, bool]:
+    """(file to name in errors, variant, use_safetensors) for a component; safetensors files are checked here."""
+    stem = _WEIGHT_STEMS[comp]
+    for variant in (None, "fp16"):
+        v = f".{variant}" if variant else ""
+        single, sharded = comp_dir / f"{stem}{v}.safetensors", comp_dir / f"{stem}.safetensors.index{v}.json"
+        if single.is_file():
+            _check_safetensors(single)
+            return single, variant, True
+        if sharded.is_file():
+            for shard in _shards(sharded):
+                _check_safetensors(shard)
+            return sharded, variant, True
+    for variant in (None, "fp16"):
+        v = f".{variant}" if variant else ""
+        for f in (comp_dir / f"{stem}{v}.bin", comp_dir / f"{stem}.bin.index{v}.json"):
+            if f.is_file():
+                if not allow_pickle:
+                    raise CheckpointError(
+                        f"{f}: pickle-format weights are not loaded by default; convert to safetensors, "
+                        "or pass --allow-pickle if you trust the file"
+                    )
+                return f, variant, False
+    raise CheckpointError(f"{comp_dir}: no {comp} weights ({stem}.safetensors not found)")
+
+
+def _shards(index_file: Path) -> list[Path]:
+    weight_map = _read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_file}: no weight_map")
+    shards = [index_file.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: missing shard listed in {index_file.name}")
+    return shards
+
+
+def _check_safetensors(f: Path) -> None:
+    """Read the header (cheap): catches truncated, empty and non-safetensors files with a clear message."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            n = len(list(st.keys()))
+    except Exception as e:  # safetensors raises SafetensorError, OSError, ValueError... for bad files
+        raise CheckpointError(f"{f}: not a valid safetensors file, truncated or corrupt ({_one_line(e)})") from None
+    if n == 0:
+        raise CheckpointError(f"{f}: safetensors file holds no tensors")
+
+
+def _load_component(comp_dir: Path, cls: type, weights: Path, variant: str | None, use_safetensors: bool):
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": use_safetensors, "output_loading_info": True}
+    if variant is not None:
+        kwargs["variant"] = variant
+    if cls.__module__.startswith("diffusers"):
+        # Without accelerate, diffusers warns and falls back to low_cpu_mem_usage=False anyway.
+        kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
+    try:
+        model, info = cls.from_pretrained(str(comp_dir), **kwargs)
+    except Exception as e:  # diffusers/transformers/safetensors/torch raise many types for bad weights
+        raise CheckpointError(f"{weights}: cannot load {comp_dir.name} weights ({_one_line(e)})") from e
+    missing = list(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = f"{len(missing)} missing" if missing else f"{len(mismatched)} wrongly shaped"
+        first = (missing or mismatched)[0]
+        raise CheckpointError(
+            f"{weights}: {what} {comp_dir.name} tensors (e.g. {first}): weights do not match {comp_dir.name}/config.json"
+        )
+    unexpected = [k for k in info.get("unexpected_keys") or [] if not k.endswith("position_ids")]
+    if unexpected:
+        logger.warning("%s: %d unexpected tensors ignored (e.g. %s)", weights, len(unexpected), unexpected[0])
+    return model
+
+
+def _arch_key(configs: dict[str, dict[str, Any]]) -> tuple:
+    """The architecture-defining part of ``configs``, with defaults filled in and per-block values expanded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    out = []
+    for comp, defaults in (
+        ("text_encoder", _clip_text_defaults()),
+        ("unet", _init_defaults(UNet2DConditionModel)),
+        ("vae", _init_defaults(AutoencoderKL)),
+    ):
+        cfg = {k: _listify(configs[comp].get(k, defaults.get(k))) for k in _ARCH_KEYS[comp]}
+        if comp == "unet":
+            n = len(cfg["down_block_types"] or [])
+            # diffusers' SD UNet names the head count attention_head_dim; num_attention_heads falls back to it.
+            if cfg["num_attention_heads"] is None:
+                cfg["num_attention_heads"] = cfg["attention_head_dim"]
+            for k in (
+                "attention_head_dim",
+                "num_attention_heads",
+                "transformer_layers_per_block",
+                "only_cross_attention",
+            ):
+                if not isinstance(cfg[k], list):
+                    cfg[k] = [cfg[k]] * n
+        out.append(tuple(sorted((k, json.dumps(v)) for k, v in cfg.items())))
+    return tuple(out)
+
+
+@functools.cache
+def _known_arch_key(name: str) -> tuple:
+    return _arch_key(read_component_configs(arch_spec(name).config_dir))
+
+
+@functools.cache
+def _init_defaults(cls: type) -> dict[str, Any]:
+    return {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+@functools.cache
+def _clip_text_defaults() -> dict[str, Any]:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig().to_dict()
+
+
+def _listify(v: Any) -> Any:
+    return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception; a first line ending in ':' (torch's state-dict errors) gets the next."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{type(e).__name__}: {text}"
