@@ -169,8 +169,6 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     )
     paths = output_paths(args.output, args.batch)  # checked before any heavy work
     pipe = Pipeline.load(args.workdir, backend=args.backend)
-    if not args.quiet:
-        print(f"backend: {pipe.backend.name} ({pipe.device})", file=sys.stderr)
     result = pipe.generate(request)
     for image, text, path in zip(result.images, result.infotexts, paths, strict=True):
         save_png(image, path, text)
@@ -179,7 +177,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
         t = result.timings
         r = result.request
-        print(f"{r.width}x{r.height}, {r.steps} steps of {r.scheduler}, batch {r.batch}: "
+        print(f"{r.width}x{r.height}, {r.steps} steps of {r.scheduler}, batch {r.batch}, backend {pipe.backend.name} "
+              f"({pipe.device}{', CUDA graph' if pipe.use_cuda_graph else ''}): "
               + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
 
 

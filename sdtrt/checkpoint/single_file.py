@@ -1,0 +1,460 @@
+"""Load a single-file Stable Diffusion 1.x / 2.x checkpoint (original CompVis / A1111 key layout), offline.
+
+Steps: read the tensors (safetensors; pickles only on request, and only through ``torch.load(weights_only=True)``)
+-> recognise the architecture by converting the key layout with diffusers' own ``single_file_utils`` functions
+for each candidate and comparing every key and shape with what the candidate's models expect (shapes only, on
+the meta device) -> convert for real, cast to fp32 -> load strictly into modules built from the candidate's
+configs. The tokenizer is not part of such files: it comes from ``tokenizer_dir`` or a ``tokenizer/`` folder
+beside the file. Every refusal is a one-line ``CheckpointError`` naming the file.
+
+Weights are assigned, not copied: fp32 tensors of a ``.safetensors`` file stay in safetensors' private
+(copy-on-write) memory map of it, so loading is fast and costs no extra memory; replace such a file by rename
+(as ``fsutil`` does), never by rewriting it in place, while a process holds it loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtrt.checkpoint.archs import KNOWN_ARCHS, arch_spec, build_models, family_of, read_component_configs
+from sdtrt.checkpoint.ldm_layout import (
+    SD1_TEXT_PREFIX,
+    SD2_TEXT_PREFIX,
+    UNET_PREFIX,
+    canonical_clip_keys,
+    original_key_map,
+)
+from sdtrt.checkpoint.model import Checkpoint
+from sdtrt.checkpoint.tokenizer import load_tokenizer
+from sdtrt.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+COMPONENTS = ("text_encoder", "unet", "vae")
+_EMA_PREFIX = "model_ema."
+_POSITION_IDS = "text_model.embeddings.position_ids"  # a non-persistent buffer; older files carry it
+_TOKEN_EMBEDDING = {
+    "sd1": SD1_TEXT_PREFIX + "text_model.embeddings.token_embedding.weight",
+    "sd2": SD2_TEXT_PREFIX + "token_embedding.weight",
+}
+_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+_FAILED = 1 << 30  # mismatch count of a candidate whose conversion threw: farther than any real count
+
+Shapes = dict[str, dict[str, tuple[int, ...] | None]]  # component -> diffusers key -> shape
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """An architecture a file may be: a known one, or the one described by ``--config``."""
+
+    label: str  # arch name, or the config folder
+    name: str | None  # known arch name; None for a config folder
+    configs: dict[str, dict[str, Any]]
+    family: str
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """How far a file is from a candidate: ``count`` mismatched tensors, ``example`` the first one described."""
+
+    candidate: _Candidate
+    count: int
+    example: str
+
+
+def load_single_file(
+    path: str | Path,
+    *,
+    config_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> Checkpoint:
+    """Load an original-layout single-file checkpoint into fp32, eval-mode modules.
+
+    The architecture is recognised among the known ones (``tiny-sd1``, ``tiny-sd2``, ``sd15``, ``sd21``) or,
+    with ``config_dir`` (a diffusers-format folder of text_encoder/unet/vae/scheduler configs), checked against
+    that one only; ``scheduler_config`` (and so the prediction type) comes from the same place. EMA weights
+    (``model_ema.*``) are ignored; fp16/bf16 files are cast to fp32. Pickle files (``.ckpt``, ``.pt``, ``.pth``,
+    ``.bin``) are refused unless ``allow_pickle``.
+    """
+    path = Path(path)
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    n_ema = sum(k.startswith(_EMA_PREFIX) for k in state)
+    if n_ema:
+        logger.info("%s: ignoring %d EMA tensors (model_ema.*); using the regular weights", path, n_ema)
+        state = {k: v for k, v in state.items() if not k.startswith(_EMA_PREFIX)}
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no UNet weights found)")
+
+    candidates = [_config_candidate(Path(config_dir))] if config_dir is not None else _known_candidates()
+    cand = _recognise(path, state, candidates)
+    tokenizer = _load_tokenizer(path, tokenizer_dir, cand.configs["text_encoder"])
+    weights = _to_fp32(path, _convert(state, cand))
+    del state
+    text_encoder, unet, vae = _build_and_load(path, weights, cand)
+
+    arch = cand.name
+    if arch is None:
+        from sdtrt.checkpoint.diffusers_dir import match_arch
+
+        arch = match_arch(cand.configs)
+    logger.info("loaded %s (single-file, arch=%s, family=%s)", path, arch, cand.family)
+    return Checkpoint(
+        source=path,
+        format="single-file",
+        arch=arch,
+        family=cand.family,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        vae=vae,
+        scheduler_config=cand.configs["scheduler"],
+    )
+
+
+def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """The tensors of a ``.safetensors`` file, or of a pickle (only with ``allow_pickle``, through
+    ``torch.load(weights_only=True)``, unwrapping a top-level ``state_dict``). Non-tensor entries are dropped."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a single-file checkpoint")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: refusing to load a pickle checkpoint: unpickling can run arbitrary code; convert it to "
+                ".safetensors or pass --allow-pickle (loads with torch.load(weights_only=True))"
+            )
+        return _read_pickle(path)
+    raise CheckpointError(
+        f"{path}: unsupported checkpoint file type {suffix or '(no extension)'!r} "
+        f"(expected .safetensors, or {'/'.join(PICKLE_SUFFIXES)} with --allow-pickle)"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: all mean a damaged or foreign file
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_one_line(e)})") from None
+
+
+def _read_pickle(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden objects, RuntimeError/EOFError for damaged files
+        raise CheckpointError(
+            f"{path}: cannot load pickle checkpoint with torch.load(weights_only=True): {_unpickle_reason(e)}"
+        ) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # Lightning-style wrapper: {"state_dict": ..., "global_step": ..., ...}
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: not a Stable Diffusion checkpoint (holds a {type(obj).__name__}, not a state dict)"
+        )
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _unpickle_reason(e: BaseException) -> str:
+    # torch's weights_only refusal is a page of advice; the reason is the "WeightsUnpickler error" part.
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\s*\n|$)", str(e), re.S)
+    return f"{type(e).__name__}: {' '.join(m.group(1).split())}" if m else _one_line(e)
+
+
+# ---- candidates ---------------------------------------------------------------------------------------------
+
+
+def _known_candidates() -> list[_Candidate]:
+    out = []
+    for name in KNOWN_ARCHS:
+        configs = read_component_configs(arch_spec(name).config_dir)
+        out.append(_Candidate(label=name, name=name, configs=configs, family=family_of(configs)))
+    return out
+
+
+def _config_candidate(config_dir: Path) -> _Candidate:
+    if not config_dir.is_dir():
+        raise CheckpointError(f"{config_dir}: config folder not found (expected a diffusers-format folder)")
+    configs = read_component_configs(config_dir)
+    prediction = configs["scheduler"].get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise CheckpointError(
+            f"{config_dir / 'scheduler' / 'scheduler_config.json'}: prediction_type {prediction!r}: "
+            "not supported yet (epsilon, v_prediction)"
+        )
+    return _Candidate(label=str(config_dir), name=None, configs=configs, family=family_of(configs))
+
+
+# ---- recognition --------------------------------------------------------------------------------------------
+
+
+def _recognise(path: Path, state: dict[str, Any], candidates: list[_Candidate]) -> _Candidate:
+    """The first candidate whose converted keys and shapes equal its models' exactly; else a CheckpointError."""
+    import torch
+
+    meta = {k: torch.empty_like(v, device="meta") for k, v in state.items()}  # shapes only: conversion is free
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    fits: list[_Fit] = []
+    for cand in candidates:
+        reason = _signature_mismatch(shapes, cand)
+        if reason is not None:
+            logger.debug("%s: not %s (%s)", path, cand.label, reason)
+            continue
+        fit = _fit(meta, cand)
+        if fit.count == 0:
+            logger.debug("%s: recognised as %s", path, cand.label)
+            return cand
+        fits.append(fit)
+    if not fits:  # every candidate failed the cheap check: compare fully, for the closest one's details
+        fits = [_fit(meta, cand) for cand in candidates]
+    best = min(fits, key=lambda f: f.count)
+    if best.count >= _FAILED:
+        detail = best.example
+    else:
+        detail = f"{best.count} mismatched tensor{'s' if best.count > 1 else ''}, e.g. {best.example}"
+    if len(candidates) == 1 and candidates[0].name is None:
+        raise CheckpointError(f"{path}: does not match the architecture described by {best.candidate.label} ({detail})")
+    raise CheckpointError(
+        f"{path}: unknown architecture: matches none of {', '.join(c.label for c in candidates)} "
+        f"(closest: {best.candidate.label}, {detail}); pass --config DIR with a diffusers-format folder describing it"
+    )
+
+
+def _signature_mismatch(shapes: dict[str, tuple[int, ...]], cand: _Candidate) -> str | None:
+    """Why ``cand`` cannot fit, from a few signature tensors (text width, UNet conv_in, context size), or None.
+
+    Only definite conflicts count: a value the configs leave out is not checked here.
+    """
+    te, unet = cand.configs["text_encoder"], cand.configs["unet"]
+    token = shapes.get(_TOKEN_EMBEDDING[cand.family])
+    if token is None or len(token) != 2:
+        return f"no {cand.family} text encoder"
+    if te.get("hidden_size") not in (None, token[1]):
+        return f"text encoder width {token[1]}, expected {te['hidden_size']}"
+    conv_in = shapes.get(_CONV_IN)
+    boc = unet.get("block_out_channels")
+    if conv_in is None or len(conv_in) != 4:
+        return "no UNet conv_in"
+    if (boc and conv_in[0] != boc[0]) or conv_in[1] != unet.get("in_channels", conv_in[1]):
+        return f"UNet conv_in {conv_in}"
+    context = next(
+        (s for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight")), None
+    )
+    cross = unet.get("cross_attention_dim")
+    if context is not None and isinstance(cross, int) and context[-1] != cross:
+        return f"UNet context size {context[-1]}, expected {cross}"
+    return None
+
+
+def _fit(meta_state: dict[str, Any], cand: _Candidate) -> _Fit:
+    expected = _expected_shapes(cand)
+    try:
+        converted = _convert(meta_state, cand)
+    except Exception as e:  # diffusers' converters index freely; a foreign layout can make them throw
+        return _Fit(cand, _FAILED, f"its key layout cannot be converted ({_one_line(e)})")
+    got: Shapes = {
+        c: {k: (tuple(t.shape) if t is not None else None) for k, t in converted[c].items()} for c in COMPONENTS
+    }
+    wrong, missing, unexpected = [], [], []
+    lpb = _layers_per_block(cand.configs["unet"])
+    for comp in COMPONENTS:
+        exp, have = expected[comp], got[comp]
+        names = original_key_map(comp, exp, family=cand.family, layers_per_block=lpb)
+        for k, shape in exp.items():
+            name = names.get(k, f"{comp}.{k}")
+            if k not in have:
+                missing.append(f"{name}: missing")
+            elif have[k] != shape:
+                wrong.append(f"{name}: got shape {_fmt(have[k])}, expected {_fmt(shape)}")
+        extra = [k for k in have if k not in exp]
+        extra_names = original_key_map(comp, extra, family=cand.family, layers_per_block=lpb) if extra else {}
+        unexpected += [f"{extra_names.get(k, f'{comp}.{k}')}: unexpected" for k in extra]
+    problems = wrong + missing + unexpected
+    return _Fit(cand, len(problems), problems[0] if problems else "")
+
+
+def _fmt(shape: tuple[int, ...] | None) -> str:
+    return "none" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _expected_shapes(cand: _Candidate) -> Shapes:
+    return _known_expected_shapes(cand.name) if cand.name is not None else _model_shapes(cand.configs, cand.label)
+
+
+@functools.cache
+def _known_expected_shapes(name: str) -> Shapes:
+    return _model_shapes(read_component_configs(arch_spec(name).config_dir), name)
+
+
+def _model_shapes(configs: dict[str, dict[str, Any]], label: str) -> Shapes:
+    import torch
+
+    try:
+        with torch.device("meta"):  # shapes without allocating or initialising weights
+            models = build_models(configs)
+    except Exception as e:  # a config the model classes reject
+        raise CheckpointError(f"{label}: cannot build models from the configs: {_one_line(e)}") from e
+    out: Shapes = {}
+    for comp, model in zip(COMPONENTS, models, strict=True):
+        sd = model.state_dict()
+        if comp == "text_encoder":
+            sd = canonical_clip_keys(sd)
+        out[comp] = {k: tuple(t.shape) for k, t in sd.items()}
+    return out
+
+
+# ---- conversion and loading ---------------------------------------------------------------------------------
+
+
+def _convert(state: dict[str, Any], cand: _Candidate) -> dict[str, dict[str, Any]]:
+    """Original layout -> diffusers layout per component (text encoder keys canonical, ``text_model.``-prefixed),
+    by diffusers' own converters. Works on real and on meta tensors."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    if cand.family == "sd1":
+        text = convert_ldm_clip_checkpoint(state)
+    else:
+        # Only text_model.config.hidden_size is read (to split the fused q/k/v) when the file has no text_projection.
+        width = cand.configs["text_encoder"].get("hidden_size")
+        text_model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width))
+        text = convert_open_clip_checkpoint(text_model, state, prefix=SD2_TEXT_PREFIX)
+    text.pop(_POSITION_IDS, None)
+    unet_config = {"layers_per_block": 2, **cand.configs["unet"]}  # the converter needs it; 2 is diffusers' default
+    return {
+        "text_encoder": text,
+        "unet": convert_ldm_unet_checkpoint(state, unet_config),
+        "vae": convert_ldm_vae_checkpoint(state, cand.configs["vae"]),
+    }
+
+
+def _to_fp32(path: Path, weights: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    import torch
+
+    n_cast = 0
+    out: dict[str, dict[str, Any]] = {}
+    for comp, sd in weights.items():
+        out[comp] = {}
+        for k, t in sd.items():
+            if not t.is_floating_point():
+                raise CheckpointError(f"{path}: {comp} tensor {k} has dtype {t.dtype}; expected floating point weights")
+            if t.dtype != torch.float32:
+                n_cast += 1
+                t = t.to(torch.float32)
+            out[comp][k] = t.contiguous()
+    if n_cast:
+        logger.info("%s: cast %d tensors to fp32", path, n_cast)
+    return out
+
+
+def _build_and_load(path: Path, weights: dict[str, dict[str, Any]], cand: _Candidate):
+    """Modules built from ``cand.configs`` (on the meta device: no wasted random init) with ``weights`` assigned
+    strictly; falls back to a regular CPU build if a module keeps state the weights do not cover."""
+    import torch
+
+    with torch.device("meta"):
+        models = build_models(cand.configs)
+    for comp, model in zip(COMPONENTS, models, strict=True):
+        _load_strict(path, comp, model, weights[comp], assign=True)
+        if not _materialize_buffers(model):
+            logger.debug("%s: %s has unknown non-persistent buffers; building it on the CPU", path, comp)
+            models = build_models(cand.configs)
+            for c, m in zip(COMPONENTS, models, strict=True):
+                _load_strict(path, c, m, weights[c], assign=False)
+            break
+    return tuple(m.eval() for m in models)
+
+
+def _load_strict(path: Path, comp: str, model, weights: dict[str, Any], *, assign: bool) -> None:
+    if comp == "text_encoder" and not any(k.startswith("text_model.") for k in model.state_dict()):
+        # transformers >= 5: CLIPTextModel's own keys have no text_model. prefix.
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{path}: {comp} weights do not fit the model: {', '.join(parts)} tensors")
+    try:
+        model.load_state_dict(weights, strict=True, assign=assign)
+    except RuntimeError as e:  # shape mismatches; keys were checked above
+        raise CheckpointError(f"{path}: {comp} weights do not fit the model: {_one_line(e)}") from e
+
+
+def _materialize_buffers(model) -> bool:
+    """Recreate non-persistent buffers left on the meta device; False if one of unknown kind remains."""
+    import torch
+
+    for name, buf in list(model.named_buffers()):
+        if not buf.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        if attr != "position_ids":  # CLIP's (1, n) arange is the only such buffer in SD models
+            return False
+        owner = model.get_submodule(owner_name)
+        value = torch.arange(buf.shape[-1], dtype=buf.dtype).expand(buf.shape)
+        owner.register_buffer(attr, value, persistent=False)
+    return True
+
+
+def _layers_per_block(unet_config: dict[str, Any]) -> int:
+    n = unet_config.get("layers_per_block", 2)
+    return int(n[0] if isinstance(n, (list, tuple)) else n)
+
+
+def _load_tokenizer(path: Path, tokenizer_dir: str | Path | None, te_config: dict[str, Any]):
+    if tokenizer_dir is None:
+        tokenizer_dir = path.parent / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            raise CheckpointError(
+                f"{path}: no tokenizer found beside the checkpoint (looked for {tokenizer_dir}); pass --tokenizer DIR "
+                "with a CLIP tokenizer folder (e.g. the tokenizer/ of a diffusers checkpoint)"
+            )
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    vocab_size = te_config.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tok) > vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_dir}: tokenizer has {len(tok)} tokens but the text encoder embeds only {vocab_size}: wrong tokenizer"
+        )
+    max_pos = te_config.get("max_position_embeddings", 77)
+    if tok.model_max_length > max_pos:
+        logger.warning(
+            "%s: model_max_length %s > text encoder's %d; using %d",
+            tokenizer_dir,
+            tok.model_max_length,
+            max_pos,
+            max_pos,
+        )
+        tok.model_max_length = max_pos
+    return tok
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
