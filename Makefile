@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set up, export the embedded tiny checkpoint, write an image) and `make test`.
+# Quick start: `make demo` (set up, make the tiny random checkpoint, export it, generate an image) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(SDTRT) init-random $(DEMO)/checkpoint --arch tiny-sd1 --seed 0 --overwrite
 	$(SDTRT) export $(DEMO)/checkpoint $(DEMO)/workdir
-	@echo "demo: exported ONNX graphs and manifest in $(DEMO)/workdir"
+	$(SDTRT) generate $(DEMO)/workdir "a photo of an astronaut riding a horse" --steps 30 --seed 0 -o $(DEMO)/demo.png
+	@echo "demo: wrote $(DEMO)/demo.png (random weights: expect colourful noise, not a picture)"
 
 lint: setup
 	$(VENV)/bin/ruff check sdtrt tests benchmarks
