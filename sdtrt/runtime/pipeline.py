@@ -282,7 +282,8 @@ class Pipeline:
         sample = self._unet.inputs["sample"]  # (2B or B, 4, h, w)
         timestep = self._unet.inputs["timestep"]  # (1,) float32
         out = self._unet.outputs["latent"]  # (2B or B, 4, h, w)
-        empty = st.x[:0]
+        # (E, B, 4, h, w) step noise, or nothing for deterministic schedulers: decided by the key, not per step
+        noises = list(st.noise) if st.noise.shape[0] else [None] * tables.num_evals
         for i in range(st.key.start, tables.num_evals):
             # (a) CFG batch: both halves see the same scaled latents
             x_in = st.x * at(tables.c_in, i)
@@ -299,8 +300,7 @@ class Pipeline:
             else:
                 eps = out.float()
             # (d) scheduler step
-            noise = st.noise[i] if st.noise.shape[0] else empty
-            st.x.copy_(sched.step(tables, i, st.x, eps, st.history, noise))
+            st.x.copy_(sched.step(tables, i, st.x, eps, st.history, noises[i]))
 
     def _capture(self, st: _LoopState) -> LoopGraph | None:
         buffers = [st.x, st.noise, st.guidance, *self._unet.inputs.values(), *self._unet.outputs.values()]
