@@ -7,6 +7,7 @@ the traceback instead. Anything else is a bug: one line saying so, exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -38,6 +39,9 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
                    help="CLIP tokenizer folder, for a single-file checkpoint without tokenizer/ beside it")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt/.pt pickles (with torch.load(weights_only=True)); refused by default")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="override the checkpoint's prediction type (e.g. epsilon for a single-file SD 2.x *base* model, "
+                        "whose tensors look exactly like the 768-v model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +146,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     )
     ckpt = load_checkpoint(args.checkpoint, config_dir=args.config, tokenizer_dir=args.tokenizer,
                            allow_pickle=args.allow_pickle)
+    if args.prediction_type:
+        ckpt = dataclasses.replace(ckpt, scheduler_config={**ckpt.scheduler_config, "prediction_type": args.prediction_type})
     manifest = export_checkpoint(ckpt, args.workdir, spec, progress=not args.quiet)
     if args.quiet:
         return

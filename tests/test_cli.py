@@ -234,3 +234,15 @@ def test_unknown_architecture_single_file(capsys, tmp_path):
     code, _, err = run(capsys, "export", str(f), str(tmp_path / "wd"))
     assert code == 2
     assert "unknown architecture" in one_error_line(err) and "--config DIR" in err
+
+
+def test_prediction_type_override(capsys, single_files, tmp_path):
+    import json
+
+    code, _, err = run(capsys, "export", str(single_files["tiny-sd2"]), str(tmp_path / "wd"), "--components",
+                       "text_encoder", "--prediction-type", "epsilon", "--quiet")
+    assert code == 0, err
+    m = json.loads((tmp_path / "wd" / "manifest.json").read_text())
+    assert m["model"]["prediction_type"] == "epsilon"
+    sched = json.loads((tmp_path / "wd" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "epsilon"
