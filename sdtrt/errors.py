@@ -23,3 +23,13 @@ class EngineError(SdtrtError):
 
 class ShapeError(SdtrtError):
     """A requested shape is invalid or outside what an engine or graph supports."""
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception, for an error message; a first line ending in ':' (torch's
+    state-dict errors) gets the next one too."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{type(e).__name__}: {text}"

@@ -17,8 +17,8 @@ from typing import Any
 from sdtrt.checkpoint.archs import KNOWN_ARCHS, arch_spec, family_of, read_component_configs
 from sdtrt.checkpoint.model import Checkpoint
 from sdtrt.checkpoint.random_init import ARCH_FILE
-from sdtrt.checkpoint.tokenizer import load_tokenizer
-from sdtrt.errors import CheckpointError
+from sdtrt.checkpoint.tokenizer import load_tokenizer_for
+from sdtrt.errors import CheckpointError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _read_json(f: Path) -> dict[str, Any]:
     try:
         obj = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({_one_line(e)})") from None
+        raise CheckpointError(f"{f}: not valid JSON ({one_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{f}: expected a JSON object")
     return obj
@@ -221,24 +221,7 @@ def _load_tokenizer(path: Path, tokenizer_dir: Path | None, te_config: dict[str,
             raise CheckpointError(
                 f"{path}: has no tokenizer/ folder; pass --tokenizer DIR (a CLIP tokenizer folder with vocab.json and merges.txt)"
             )
-    tok = load_tokenizer(Path(tokenizer_dir))
-    vocab_size = te_config.get("vocab_size")
-    if isinstance(vocab_size, int) and len(tok) > vocab_size:
-        raise CheckpointError(
-            f"{tokenizer_dir}: tokenizer has {len(tok)} tokens but the text encoder embeds only {vocab_size}: wrong tokenizer"
-        )
-    max_pos = te_config.get("max_position_embeddings", 77)
-    if tok.model_max_length > max_pos:
-        # A tokenizer_config.json without model_max_length gives a huge sentinel; prompts must fit the encoder.
-        logger.warning(
-            "%s: model_max_length %s > text encoder's %d; using %d",
-            tokenizer_dir,
-            tok.model_max_length,
-            max_pos,
-            max_pos,
-        )
-        tok.model_max_length = max_pos
-    return tok
+    return load_tokenizer_for(Path(tokenizer_dir), te_config)
 
 
 def _find_weights(comp_dir: Path, comp: str, allow_pickle: bool) -> tuple[Path, str | None, bool]:
@@ -286,7 +269,7 @@ def _check_safetensors(f: Path) -> None:
         with safe_open(str(f), framework="pt") as st:
             n = len(list(st.keys()))
     except Exception as e:  # safetensors raises SafetensorError, OSError, ValueError... for bad files
-        raise CheckpointError(f"{f}: not a valid safetensors file, truncated or corrupt ({_one_line(e)})") from None
+        raise CheckpointError(f"{f}: not a valid safetensors file, truncated or corrupt ({one_line(e)})") from None
     if n == 0:
         raise CheckpointError(f"{f}: safetensors file holds no tensors")
 
@@ -301,7 +284,7 @@ def _load_component(comp_dir: Path, cls: type, weights: Path, variant: str | Non
     try:
         model, info = cls.from_pretrained(str(comp_dir), **kwargs)
     except Exception as e:  # diffusers/transformers/safetensors/torch raise many types for bad weights
-        raise CheckpointError(f"{weights}: cannot load {comp_dir.name} weights ({_one_line(e)})") from e
+        raise CheckpointError(f"{weights}: cannot load {comp_dir.name} weights ({one_line(e)})") from e
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
@@ -368,11 +351,3 @@ def _clip_text_defaults() -> dict[str, Any]:
 def _listify(v: Any) -> Any:
     return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
 
-
-def _one_line(e: BaseException) -> str:
-    """``Type: first line`` of an exception; a first line ending in ':' (torch's state-dict errors) gets the next."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return f"{type(e).__name__}: {text}"

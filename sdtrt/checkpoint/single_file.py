@@ -32,8 +32,8 @@ from sdtrt.checkpoint.ldm_layout import (
     original_key_map,
 )
 from sdtrt.checkpoint.model import Checkpoint
-from sdtrt.checkpoint.tokenizer import load_tokenizer
-from sdtrt.errors import CheckpointError
+from sdtrt.checkpoint.tokenizer import load_tokenizer_for
+from sdtrt.errors import CheckpointError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError, OSError, ...: all mean a damaged or foreign file
-        raise CheckpointError(f"{path}: not a valid safetensors file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({one_line(e)})") from None
 
 
 def _read_pickle(path: Path) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def _read_pickle(path: Path) -> dict[str, Any]:
 def _unpickle_reason(e: BaseException) -> str:
     # torch's weights_only refusal is a page of advice; the reason is the "WeightsUnpickler error" part.
     m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\s*\n|$)", str(e), re.S)
-    return f"{type(e).__name__}: {' '.join(m.group(1).split())}" if m else _one_line(e)
+    return f"{type(e).__name__}: {' '.join(m.group(1).split())}" if m else one_line(e)
 
 
 # ---- candidates ---------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def _fit(meta_state: dict[str, Any], cand: _Candidate) -> _Fit:
     try:
         converted = _convert(meta_state, cand)
     except Exception as e:  # diffusers' converters index freely; a foreign layout can make them throw
-        return _Fit(cand, _FAILED, f"its key layout cannot be converted ({_one_line(e)})")
+        return _Fit(cand, _FAILED, f"its key layout cannot be converted ({one_line(e)})")
     got: Shapes = {
         c: {k: (tuple(t.shape) if t is not None else None) for k, t in converted[c].items()} for c in COMPONENTS
     }
@@ -310,7 +310,7 @@ def _model_shapes(configs: dict[str, dict[str, Any]], label: str) -> Shapes:
         with torch.device("meta"):  # shapes without allocating or initialising weights
             models = build_models(configs)
     except Exception as e:  # a config the model classes reject
-        raise CheckpointError(f"{label}: cannot build models from the configs: {_one_line(e)}") from e
+        raise CheckpointError(f"{label}: cannot build models from the configs: {one_line(e)}") from e
     out: Shapes = {}
     for comp, model in zip(COMPONENTS, models, strict=True):
         sd = model.state_dict()
@@ -403,7 +403,7 @@ def _load_strict(path: Path, comp: str, model, weights: dict[str, Any], *, assig
     try:
         model.load_state_dict(weights, strict=True, assign=assign)
     except RuntimeError as e:  # shape mismatches; keys were checked above
-        raise CheckpointError(f"{path}: {comp} weights do not fit the model: {_one_line(e)}") from e
+        raise CheckpointError(f"{path}: {comp} weights do not fit the model: {one_line(e)}") from e
 
 
 def _materialize_buffers(model) -> bool:
@@ -435,26 +435,5 @@ def _load_tokenizer(path: Path, tokenizer_dir: str | Path | None, te_config: dic
                 f"{path}: no tokenizer found beside the checkpoint (looked for {tokenizer_dir}); pass --tokenizer DIR "
                 "with a CLIP tokenizer folder (e.g. the tokenizer/ of a diffusers checkpoint)"
             )
-    tokenizer_dir = Path(tokenizer_dir)
-    tok = load_tokenizer(tokenizer_dir)
-    vocab_size = te_config.get("vocab_size")
-    if isinstance(vocab_size, int) and len(tok) > vocab_size:
-        raise CheckpointError(
-            f"{tokenizer_dir}: tokenizer has {len(tok)} tokens but the text encoder embeds only {vocab_size}: wrong tokenizer"
-        )
-    max_pos = te_config.get("max_position_embeddings", 77)
-    if tok.model_max_length > max_pos:
-        logger.warning(
-            "%s: model_max_length %s > text encoder's %d; using %d",
-            tokenizer_dir,
-            tok.model_max_length,
-            max_pos,
-            max_pos,
-        )
-        tok.model_max_length = max_pos
-    return tok
+    return load_tokenizer_for(Path(tokenizer_dir), te_config)
 
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -277,3 +277,23 @@ def load_tokenizer(dir: Path):
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def load_tokenizer_for(tokenizer_dir: Path, te_config: dict[str, Any]):
+    """``load_tokenizer`` plus the checks against the text encoder it will feed: no token id beyond the
+    embedding table, and prompts cut at the encoder's position count."""
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    vocab_size = te_config.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tok) > vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_dir}: tokenizer has {len(tok)} tokens but the text encoder embeds only {vocab_size}: wrong tokenizer"
+        )
+    max_pos = te_config.get("max_position_embeddings", 77)
+    if tok.model_max_length > max_pos:
+        # A tokenizer_config.json without model_max_length gives a huge sentinel; prompts must fit the encoder.
+        logger.warning("%s: model_max_length %s > text encoder's %d; using %d",
+                       tokenizer_dir, tok.model_max_length, max_pos, max_pos)
+        tok.model_max_length = max_pos
+    return tok
+
