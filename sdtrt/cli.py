@@ -75,6 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
     _checkpoint_flags(p)
 
+    p = sub.add_parser("build", help="WORKDIR's ONNX graphs -> TensorRT engines in WORKDIR/engines")
+    _common(p)
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--static", dest="dynamic", action="store_false",
+                   help="one shape (default; fastest, what CUDA graphs want)")
+    g.add_argument("--dynamic", dest="dynamic", action="store_true",
+                   help="batch 1..--max-batch, sides --min-side..--max-side px, tuned at --batch/--height/--width")
+    p.set_defaults(dynamic=False)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--max-batch", type=int, default=None, help="--dynamic only (default 4)")
+    p.add_argument("--min-side", type=int, default=None, help="--dynamic only, px (default 256)")
+    p.add_argument("--max-side", type=int, default=None, help="--dynamic only, px (default 1024)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    p.add_argument("--workspace", type=int, default=None, metavar="MiB", help="cap TensorRT's workspace memory pool")
+    p.add_argument("--refit", action="store_true", help="build refittable engines")
+    p.add_argument("--no-tf32", action="store_true", help="fp32 layers in strict fp32 instead of TF32")
+    p.add_argument("--rebuild-stale", action="store_true",
+                   help="rebuild only stale engines, each with its recorded settings")
+    p.add_argument("--components", default=None, metavar="LIST", help="comma-separated (default: every exported one)")
+
+    p = sub.add_parser("check", help="compare each TensorRT engine with ONNX Runtime on random inputs")
+    _common(p)
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--components", default=None, metavar="LIST")
+
     p = sub.add_parser("generate", help="WORKDIR + prompt -> PNG(s)")
     _common(p)
     p.add_argument("workdir", type=Path, metavar="WORKDIR")
@@ -188,7 +217,45 @@ def _cmd_generate(args: argparse.Namespace) -> None:
               + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
 
 
-COMMANDS = {"init-random": _cmd_init_random, "export": _cmd_export, "generate": _cmd_generate}
+def _components_arg(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(c.strip() for c in value.split(",") if c.strip())
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    from sdtrt.engines.builder import build_engines
+    from sdtrt.engines.profiles import BuildSpec, ProfileSpec
+
+    spec = BuildSpec(
+        profile=ProfileSpec(static=not args.dynamic, batch=args.batch, height=args.height, width=args.width,
+                            max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side),
+        opt_level=args.opt_level, workspace_mib=args.workspace, refit=args.refit, tf32=not args.no_tf32,
+        rebuild_stale=args.rebuild_stale,
+    )
+    built = build_engines(args.workdir, spec, components=_components_arg(args.components), progress=not args.quiet)
+    if not args.quiet:
+        for path in built:
+            print(f"built {path}")
+        if not built:
+            print("engines are up to date")
+
+
+def _cmd_check(args: argparse.Namespace) -> None:
+    from sdtrt.engines.check import check_engines, format_report
+    from sdtrt.errors import EngineError
+
+    report = check_engines(args.workdir, seed=args.seed, components=_components_arg(args.components))
+    print(format_report(report))
+    if not report.passed:
+        raise EngineError(f"{len(report.failures)} output(s) exceed their tolerance")
+
+
+COMMANDS = {
+    "init-random": _cmd_init_random,
+    "export": _cmd_export,
+    "build": _cmd_build,
+    "check": _cmd_check,
+    "generate": _cmd_generate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

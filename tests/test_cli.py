@@ -246,3 +246,26 @@ def test_prediction_type_override(capsys, single_files, tmp_path):
     assert m["model"]["prediction_type"] == "epsilon"
     sched = json.loads((tmp_path / "wd" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "epsilon"
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["build", "WD", "--static", "--dynamic"], "argument --dynamic: not allowed with argument --static"),
+        (["build", "WD", "--opt-level", "9"], "--opt-level must be an integer between 0 and 5, got 9"),
+        (["build", "WD"], "TensorRT is not installed: pip install 'sdtrt[tensorrt]'"),
+        (["check", "WD"], "TensorRT is not installed: pip install 'sdtrt[tensorrt]'"),
+    ],
+)
+def test_build_and_check_errors(capsys, sd1_workdir_fp32, argv, message):
+    if "TensorRT is not installed" in message and _has_tensorrt():
+        pytest.skip("TensorRT is installed here")
+    code, _, err = run(capsys, *[str(sd1_workdir_fp32) if a == "WD" else a for a in argv])
+    assert code == 2
+    assert message in one_error_line(err)

@@ -12,6 +12,7 @@ static buffers, captured in one CUDA graph per ``LoopKey`` where the backend all
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -97,10 +98,11 @@ class Pipeline:
         self.scheduler_config = scheduler_config
         self.model = manifest["model"]
         self.default_scheduler = default_scheduler_name(scheduler_config)
-        self._text = backend.runner("text_encoder")
-        self._unet = backend.runner("unet")
-        self._decoder = backend.runner("vae_decoder")
-        self._encoder = backend.runner("vae_encoder") if "vae_encoder" in manifest["components"] else None
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with self._stream_context():  # backends that bind a stream at creation (ORT's CUDA EP) get ours
+            self._text = backend.runner("text_encoder")
+            self._unet = backend.runner("unet")
+            self._decoder = backend.runner("vae_decoder")
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._loops: dict[LoopKey, _LoopState] = {}
         self.use_cuda_graph = backend.capturable and self.device.type == "cuda"
@@ -147,12 +149,25 @@ class Pipeline:
                                 scheduler_names=SCHEDULER_NAMES)
         if req.init_image is not None:
             raise UsageError("img2img is not supported by this version of the runtime yet")
+        with self._stream_context():
+            return self._generate(req)
+
+    def _stream_context(self):
+        # On CUDA everything runs on the pipeline's own stream: TensorRT and graph capture dislike the legacy
+        # default stream, which synchronises with every other stream.
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _generate(self, req: GenerateRequest) -> Result:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        s = int(self.model["vae_scale_factor"])
+        b, cfg = req.batch, req.guidance > 1.0
+        # 0. shapes first: a backend that cannot run them (an engine's profile) refuses before any work
+        self._unet.activate({"2B": b * (2 if cfg else 1), "H": req.height // s, "W": req.width // s})
+        self._decoder.activate({"B": b, "H": req.height // s, "W": req.width // s, f"{s}H": req.height, f"{s}W": req.width})
 
         # 1. text embeddings: [uncond; cond], (2B or B, 77, C)
-        cfg = req.guidance > 1.0
         cond = self._embed(req.prompt, req.clip_skip)
         uncond = self._embed(req.negative_prompt, req.clip_skip) if cfg else None
         sync()
@@ -160,12 +175,9 @@ class Pipeline:
         timings["text_encoder"] = t1 - t0
 
         # 2. loop state for this key, latents and noise drawn as diffusers draws them
-        s = int(self.model["vae_scale_factor"])
         key = LoopKey(req.batch, req.height, req.width, req.scheduler, req.steps, cfg, 0)
         st = self._loop_state(key)
-        self._unet.activate({"2B": req.batch * (2 if cfg else 1), "H": req.height // s, "W": req.width // s})
         ehs = self._unet.inputs["encoder_hidden_states"]
-        b = req.batch
         if cfg:
             ehs[:b].copy_(uncond.expand(b, -1, -1))
             ehs[b:].copy_(cond.expand(b, -1, -1))
@@ -193,7 +205,6 @@ class Pipeline:
         timings["denoise"] = t2 - t1
 
         # 4. decode: (B, 4, h, w) -> (B, H, W, 3) uint8 and finite (B,)
-        self._decoder.activate({"B": b, "H": req.height // s, "W": req.width // s, f"{s}H": req.height, f"{s}W": req.width})
         self._decoder.inputs["latent"].copy_(st.x)
         self._decoder.run()
 

@@ -72,6 +72,7 @@ class BufferedRunner:
         self._entry = entry
         self._float_dtype = float_dtype  # overrides the manifest's float dtypes (the torch backend computes natively)
         self._dims: dict[str, int] | None = None
+        self._by_shape: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
 
@@ -88,16 +89,25 @@ class BufferedRunner:
         }
 
     def activate(self, dims: Mapping[str, int]) -> None:
+        """Make the buffers of shape ``dims`` current. Buffers are kept per shape: a CUDA graph captured at
+        shape A still reads and writes the same tensors after requests at shape B ran in between."""
         dims = dict(dims)
         if dims == self._dims:
             return
-        self.inputs = self._alloc(self._entry["inputs"], dims)
-        self.outputs = self._alloc(self._entry["outputs"], dims)
-        self._dims = dims
-        self._bind()
+        key = tuple(sorted(dims.items()))
+        try:
+            if key not in self._by_shape:
+                self._by_shape[key] = (self._alloc(self._entry["inputs"], dims), self._alloc(self._entry["outputs"], dims))
+            self.inputs, self.outputs = self._by_shape[key]
+            self._dims = dims
+            self._bind()
+        except BaseException:
+            self._dims = None  # never leave a half-bound shape looking active
+            raise
 
     def _bind(self) -> None:
         pass
 
     def deactivate(self) -> None:
         self.inputs, self.outputs, self._dims = {}, {}, None
+        self._by_shape.clear()
