@@ -104,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--components", default=None, metavar="LIST")
 
+    p = sub.add_parser("bench", help="sdtrt side by side with diffusers: latency, per-stage times, throughput, memory")
+    _common(p)
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("--contenders", default="auto", metavar="LIST",
+                   help="comma-separated (default: every contender that runs here): diffusers, diffusers-compile, "
+                        "sdtrt-tensorrt, sdtrt-tensorrt-graph, sdtrt-onnxruntime, sdtrt-torch, sdtrt-torch-graph")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-sizes", default="1,2,4,8", metavar="LIST")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--runs", type=int, default=10, help="timed runs per contender and batch size")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--scheduler", default=None, help="default: the checkpoint's own")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for every contender alike")
+    p.add_argument("--skip-compile", action="store_true", help="leave out diffusers + torch.compile (compiles for minutes)")
+    p.add_argument("--short", action="store_true", help="a CI-sized run (2 steps, 2 runs, batch 1,2, 64x64)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+
     p = sub.add_parser("generate", help="WORKDIR + prompt -> PNG(s)")
     _common(p)
     p.add_argument("workdir", type=Path, metavar="WORKDIR")
@@ -249,7 +267,29 @@ def _cmd_check(args: argparse.Namespace) -> None:
         raise EngineError(f"{len(report.failures)} output(s) exceed their tolerance")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from sdtrt.bench.report import summary_lines, write_reports
+    from sdtrt.bench.run import run_bench
+    from sdtrt.bench.spec import SHORT, BenchSpec, parse_batch_sizes, parse_contenders
+
+    fields = dict(
+        contenders=parse_contenders(args.contenders), steps=args.steps, batch_sizes=parse_batch_sizes(args.batch_sizes),
+        height=args.height, width=args.width, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler,
+        threads=args.threads, skip_compile=args.skip_compile,
+    )
+    if args.short:
+        fields.update(SHORT)
+    result = run_bench(args.workdir, BenchSpec(**fields), progress=not args.quiet)
+    paths = write_reports(result, args.out)
+    if not args.quiet:
+        for line in summary_lines(result):
+            print(line)
+        for path in paths:
+            print(f"wrote {path}")
+
+
 COMMANDS = {
+    "bench": _cmd_bench,
     "init-random": _cmd_init_random,
     "export": _cmd_export,
     "build": _cmd_build,

@@ -269,3 +269,30 @@ def test_build_and_check_errors(capsys, sd1_workdir_fp32, argv, message):
     code, _, err = run(capsys, *[str(sd1_workdir_fp32) if a == "WD" else a for a in argv])
     assert code == 2
     assert message in one_error_line(err)
+
+
+def test_bench_short_writes_reports(capsys, sd1_workdir_fp32, tmp_path):
+    import json
+
+    code, out, err = run(capsys, "bench", str(sd1_workdir_fp32), "--short", "--contenders",
+                         "diffusers,sdtrt-onnxruntime", "--out", str(tmp_path), "--quiet")
+    assert code == 0, err
+    files = sorted(p.suffix for p in tmp_path.iterdir())
+    assert files == [".json", ".md", ".png"]
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert set(result["contenders"]) >= {"diffusers", "sdtrt-onnxruntime"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--contenders", "diffusers,tensorflow"], "unknown contender(s) tensorflow"),
+        (["--batch-sizes", "1,x"], "batch sizes must be comma-separated integers"),
+        (["--steps", "0"], "steps must be an integer >= 1"),
+    ],
+)
+def test_bench_bad_options(capsys, sd1_workdir_fp32, tmp_path, extra, message):
+    code, _, err = run(capsys, "bench", str(sd1_workdir_fp32), "--out", str(tmp_path), *extra)
+    assert code == 2
+    assert message in one_error_line(err)
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU benchmark, as a lent GPU session runs it (see benchmarks/README.md, "GPU recipe").
+#
+#   benchmarks/run_gpu.sh prepare          # install carried wheels, init-random sd15, export fp16 (+ engines if TensorRT)
+#   benchmarks/run_gpu.sh bench            # prepare if needed, then `sdtrt bench` into $OUT
+#   benchmarks/run_gpu.sh all              # both (default)
+#
+# Knobs (environment): OUT (required: where the JSON/Markdown/PNG go), WORK (default /tmp/sdtrt-gpu: checkpoint and
+# workdir, reused while the machine stays warm), ARCH (sd15), PRECISION (fp16), VALIDATE (0: export without the
+# ONNX Runtime check, which runs on the CPU there and is not needed for the benchmark: PSNR checks the outputs),
+# SIZE (512), STEPS (50), BATCHES (1,8), RUNS (10), WARMUP (2), CONTENDERS (auto), SKIP_COMPILE (0),
+# REFERENCE (auto: diffusers fp32 on the GPU with TF32 off), STEM (report file stem; default <gpu>-<date>).
+# One device command may run 10 minutes: split batch sizes over calls if needed (BATCHES=1 then BATCHES=8 RUNS=5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${OUT:?set OUT to the folder the reports go to}"
+WORK=${WORK:-/tmp/sdtrt-gpu}
+ARCH=${ARCH:-sd15}
+PRECISION=${PRECISION:-fp16}
+VALIDATE=${VALIDATE:-0}
+SIZE=${SIZE:-512}
+STEPS=${STEPS:-50}
+BATCHES=${BATCHES:-1,8}
+RUNS=${RUNS:-10}
+WARMUP=${WARMUP:-2}
+CONTENDERS=${CONTENDERS:-auto}
+SKIP_COMPILE=${SKIP_COMPILE:-0}
+REFERENCE=${REFERENCE:-auto}
+STEM=${STEM:-}
+PHASE=${1:-all}
+
+CKPT=$WORK/$ARCH
+WD=$WORK/$ARCH-$PRECISION
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+# Packages the GPU image lacks (diffusers, onnx-graphsurgeon, ...) travel as wheels in .whl/ (git-ignored).
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+sdtrt() { python3 -m sdtrt "$@"; }
+
+log() { echo "[run_gpu $(date +%H:%M:%S)] $*"; }
+
+prepare() {
+    log "environment"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
+    if [ ! -f "$CKPT/model_index.json" ]; then
+        log "init-random $ARCH -> $CKPT"
+        sdtrt init-random "$CKPT" --arch "$ARCH" --seed 0 --overwrite -q
+    fi
+    if [ ! -f "$WD/manifest.json" ]; then
+        log "export $PRECISION -> $WD"
+        flags=()
+        [ "$VALIDATE" = 1 ] || flags+=(--no-validate)
+        sdtrt export "$CKPT" "$WD" --precision "$PRECISION" "${flags[@]}" -q
+    fi
+    # TensorRT engines only where a builder exists (the lent machines have none today: the tensorrt contenders are
+    # then skipped, with the reason in the JSON).
+    if python3 -c "import tensorrt" 2>/dev/null && sdtrt build --help >/dev/null 2>&1; then
+        if ! compgen -G "$WD/engines/*.plan" >/dev/null; then
+            log "build TensorRT engines"
+            sdtrt build "$WD" || log "engine build failed; the tensorrt contenders will be skipped"
+        fi
+    else
+        log "no TensorRT builder here: the tensorrt contenders will be skipped"
+    fi
+}
+
+bench() {
+    [ -f "$WD/manifest.json" ] || prepare
+    mkdir -p "$OUT"
+    flags=(--contenders "$CONTENDERS" --steps "$STEPS" --batch-sizes "$BATCHES" --height "$SIZE" --width "$SIZE"
+           --runs "$RUNS" --warmup "$WARMUP" --reference-device "$REFERENCE" --out "$OUT")
+    [ "$SKIP_COMPILE" = 1 ] && flags+=(--skip-compile)
+    [ -n "$STEM" ] && flags+=(--stem "$STEM")
+    log "bench ${flags[*]}"
+    sdtrt bench "$WD" "${flags[@]}" 2>&1 | tee "$OUT/bench.log"
+    ls -l "$OUT"
+}
+
+case "$PHASE" in
+    prepare) prepare ;;
+    bench) bench ;;
+    all) prepare; bench ;;
+    *) echo "usage: $0 [prepare|bench|all]" >&2; exit 2 ;;
+esac

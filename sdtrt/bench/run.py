@@ -1,0 +1,242 @@
+"""``run_bench``: every contender in one process, same checkpoint, prompt, seed and settings, interleaved.
+
+Order of work: (1) the diffusers fp32 reference image, unless a contender is that reference; (2) each contender
+loads and makes its first image (load time and first-image latency, sequentially); (3) per batch size, warm-ups
+for every contender, then ``runs`` rounds of one request per contender in a fixed order (A B C A B C ...), so
+drifts in clock speed or background load hit all contenders alike; (4) summaries, speed-ups over the baseline
+and PSNR against the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sdtrt.bench.contenders import (
+    DIFFUSERS_SCHEDULERS,
+    Contender,
+    DiffusersContender,
+    Sample,
+    default_contenders,
+    make_contender,
+    strict_fp32,
+    unavailable_reason,
+)
+from sdtrt.bench.env import capture_environment, load_average
+from sdtrt.bench.memory import PeakProbe, in_use_bytes
+from sdtrt.bench.spec import BASELINE, BenchSpec
+from sdtrt.bench.timing import summarize
+from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.export.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sdtrt-bench/1"
+STAGES = ("text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms", "vae_decoder_ms")
+
+
+def psnr(images: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
+    """PSNR in dB over all pixels of a batch (None when identical) and the largest difference in levels."""
+    if images.shape != reference.shape:
+        raise ValueError(f"image shapes differ: {images.shape} vs {reference.shape}")
+    diff = images.astype(np.float64) - reference.astype(np.float64)
+    mse = float(np.mean(diff**2))
+    return {"psnr_db": None if mse == 0 else 10 * math.log10(255.0**2 / mse), "max_abs_diff": int(np.abs(diff).max())}
+
+
+def _source_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    source = Path(manifest["source"]["path"])
+    info = {**manifest["source"], "precision": manifest.get("precision"), "weights": "unknown"}
+    arch_file = source / "sdtrt_arch.json"
+    if arch_file.is_file():
+        meta = json.loads(arch_file.read_text())
+        if "init_random" in str(meta.get("made_by", "")):
+            info["weights"] = f"random (sdtrt init-random, seed {meta.get('seed')})"
+    return info
+
+
+def _scheduler_name(workdir: Path, spec: BenchSpec) -> str:
+    from sdtrt.runtime.pipeline import default_scheduler_name
+
+    config = json.loads((workdir / "scheduler" / "scheduler_config.json").read_text())
+    name = spec.scheduler or default_scheduler_name(config)
+    if name not in DIFFUSERS_SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(DIFFUSERS_SCHEDULERS)}")
+    return name
+
+
+def _reference_device(spec: BenchSpec, cuda: bool) -> str | None:
+    if spec.reference_device == "none":
+        return None
+    if spec.reference_device == "cuda" and not cuda:
+        raise UsageError("the reference cannot run on CUDA: no NVIDIA GPU is visible (use --reference-device cpu)")
+    if spec.reference_device == "auto":
+        return "cuda" if cuda else "cpu"
+    return spec.reference_device
+
+
+def _reference_images(spec: BenchSpec, source: Path, scheduler: str, device: str) -> np.ndarray:
+    """diffusers in fp32 (TF32 off) on ``device``, at the smallest batch size."""
+    ref = DiffusersContender("reference", spec, device == "cuda", source, scheduler, dtype=torch.float32)
+    try:
+        with strict_fp32():
+            ref.load()
+            return ref.generate(spec.smallest_batch).images
+    finally:
+        ref.close()
+        del ref
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _aggregate(batch: int, samples: list[Sample], memory: list[dict]) -> dict[str, Any]:
+    e2e = [s.e2e_s for s in samples]
+    peaks = {k: max((m[k] for m in memory if m.get(k) is not None), default=None) for k in memory[0]}
+    return {
+        "runs": len(samples),
+        "end_to_end_s": summarize(e2e),
+        "images_per_s": summarize(batch / t for t in e2e),
+        "stages_ms": {k: summarize(s.stages.get(k) for s in samples) for k in STAGES},
+        "memory": peaks,
+    }
+
+
+def _jsonable_spec(spec: BenchSpec) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
+
+
+def _load(c: Contender, spec: BenchSpec, cuda: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """Load ``c`` and make its first image: the load/first-image figures, and the images for PSNR."""
+    before = in_use_bytes(cuda)
+    t0 = time.perf_counter()
+    c.load()
+    load_s = time.perf_counter() - t0
+    first = c.generate(spec.smallest_batch)
+    after = in_use_bytes(cuda)
+    record = {**c.info, "load_s": load_s, "first_image_s": first.e2e_s, "first_image_total_s": load_s + first.e2e_s,
+              "load_memory_bytes": None if before is None or after is None else after - before, "batches": {}}
+    return record, first.images
+
+
+def _measure(loaded: list[Contender], batch: int, spec: BenchSpec, probe: PeakProbe, bar) -> dict[str, dict]:
+    """Warm-ups for every contender, then ``spec.runs`` interleaved rounds at one batch size."""
+    for c in loaded:
+        bar.set_description(f"warm-up b{batch} {c.name}")
+        for _ in range(spec.warmup):
+            c.generate(batch)
+            bar.update(1)
+    samples: dict[str, list[Sample]] = {c.name: [] for c in loaded}
+    memory: dict[str, list[dict]] = {c.name: [] for c in loaded}
+    for r in range(spec.runs):
+        bar.set_description(f"bench b{batch} round {r + 1}/{spec.runs}")
+        for c in loaded:
+            probe.start()
+            s = c.generate(batch)
+            memory[c.name].append(probe.stop())
+            s.images = s.images[:0]  # keep the figures, not the pixels
+            samples[c.name].append(s)
+            bar.update(1)
+    return {c.name: _aggregate(batch, samples[c.name], memory[c.name]) for c in loaded}
+
+
+def _speedups(results: dict[str, dict], batch_sizes: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    if BASELINE not in results:
+        return {}
+    out = {}
+    for b in map(str, batch_sizes):
+        base = results[BASELINE]["batches"][b]["end_to_end_s"]["p50"]
+        out[b] = {n: base / r["batches"][b]["end_to_end_s"]["p50"] for n, r in results.items()}
+    return out
+
+
+def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) -> dict[str, Any]:
+    """Benchmark the contenders of ``spec`` on the export in ``workdir`` (its manifest's source checkpoint runs
+    under diffusers); returns the result as a JSON-able dict (see ``benchmarks/README.md`` for its fields)."""
+    workdir = Path(workdir)
+    manifest = read_manifest(workdir)
+    source = Path(manifest["source"]["path"])
+    cuda = torch.cuda.is_available()
+    scheduler = _scheduler_name(workdir, spec)
+    ref_device = _reference_device(spec, cuda)
+    names = spec.contenders or default_contenders(spec, cuda)
+    # On CPU the diffusers contender is the fp32 reference itself.
+    reuse = "diffusers" if (ref_device == "cpu" and not cuda and "diffusers" in names) else None
+    saved_threads = torch.get_num_threads()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    env = capture_environment()
+    skipped: dict[str, str] = {}
+    loaded: list[Contender] = []
+    results: dict[str, dict[str, Any]] = {}
+    first_images: dict[str, np.ndarray] = {}
+    reference = None
+    bar = tqdm(total=len(names) + (ref_device is not None and reuse is None), unit="step", disable=not progress)
+    try:
+        # 1. the fp32 reference
+        if ref_device is not None and reuse is None:
+            bar.set_description(f"reference (diffusers fp32, {ref_device})")
+            reference = _reference_images(spec, source, scheduler, ref_device)
+            bar.update(1)
+
+        # 2. load and first image, one contender at a time
+        for name in names:
+            bar.set_description(f"load {name}")
+            reason = unavailable_reason(name, workdir, source, cuda)
+            c = None if reason is not None else make_contender(name, spec, cuda, workdir, source, scheduler)
+            if c is not None:
+                try:
+                    results[name], first_images[name] = _load(c, spec, cuda)
+                    loaded.append(c)
+                except (SdtrtError, RuntimeError, ImportError, OSError) as e:
+                    reason = f"failed to load or run: {type(e).__name__}: {e}"
+                    c.close()
+            if reason is not None:
+                skipped[name] = reason
+                log.warning("not running %s: %s", name, reason)
+            bar.update(1)
+        if not loaded:
+            raise UsageError("no contender can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        if reuse is not None and reuse in first_images:
+            reference = first_images[reuse]
+
+        # 3. warm-ups, then interleaved rounds, per batch size
+        bar.total += len(spec.batch_sizes) * len(loaded) * (spec.warmup + spec.runs)
+        bar.unit = "req"
+        probe = PeakProbe(cuda)
+        for batch in spec.batch_sizes:
+            for name, figures in _measure(loaded, batch, spec, probe, bar).items():
+                results[name]["batches"][str(batch)] = figures
+    finally:
+        bar.close()
+        for c in loaded:
+            c.close()
+        torch.set_num_threads(saved_threads)
+
+    # 4. quality and speed-ups
+    for name, images in first_images.items():
+        results[name]["quality"] = None if reference is None else psnr(images, reference)
+    env["load_average_end"] = load_average()
+    return {
+        "format": FORMAT,
+        "environment": env,
+        "device": "cuda" if cuda else "cpu",
+        "spec": _jsonable_spec(spec),
+        "scheduler": scheduler,
+        "workdir": str(workdir.resolve()),
+        "checkpoint": _source_info(manifest),
+        "baseline": BASELINE if BASELINE in results else None,
+        "reference": None if ref_device is None else {"engine": "diffusers", "dtype": "float32", "device": ref_device,
+                                                      "batch": spec.smallest_batch, "reused_contender": reuse},
+        "contenders": results,
+        "skipped": skipped,
+        "speedup_vs_baseline": _speedups(results, spec.batch_sizes),
+    }

@@ -1,0 +1,141 @@
+"""``run_bench`` and ``write_reports`` in a short mode on the tiny checkpoint: the fields, not the speeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from sdtrt.bench import BenchSpec, run_bench, write_reports
+from sdtrt.bench.run import psnr
+from sdtrt.bench.spec import SHORT
+from sdtrt.errors import UsageError
+
+SPEC = BenchSpec(contenders=("diffusers", "sdtrt-onnxruntime", "sdtrt-torch"), threads=1, **SHORT)
+STAT_KEYS = {"n", "p50", "p90", "mean", "std", "min", "max"}
+
+
+@pytest.fixture(scope="module")
+def short_result(sd1_workdir_fp32):
+    return run_bench(sd1_workdir_fp32, SPEC, progress=False)
+
+
+def test_result_fields(short_result):
+    r = short_result
+    assert r["format"] == "sdtrt-bench/1"
+    assert r["device"] == "cpu" and r["baseline"] == "diffusers" and r["scheduler"] == "pndm"
+    env = r["environment"]
+    for key in ("date", "cpu", "cpu_count", "torch_threads", "versions", "load_average_start", "load_average_end"):
+        assert key in env
+    assert env["torch_threads"] == 1
+    assert {"torch", "diffusers", "onnxruntime"} <= set(env["versions"])
+    assert r["checkpoint"]["arch"] == "tiny-sd1" and r["checkpoint"]["weights"].startswith("random")
+    assert r["spec"]["batch_sizes"] == [1, 2] and r["spec"]["steps"] == 2
+    assert r["reference"] == {"engine": "diffusers", "dtype": "float32", "device": "cpu", "batch": 1,
+                              "reused_contender": "diffusers"}
+    assert set(r["contenders"]) == {"diffusers", "sdtrt-onnxruntime", "sdtrt-torch"}
+    assert r["skipped"] == {}
+    for name, c in r["contenders"].items():
+        assert c["load_s"] > 0 and c["first_image_s"] > 0, name
+        assert set(c["batches"]) == {"1", "2"}
+        for batch in ("1", "2"):
+            b = c["batches"][batch]
+            assert b["runs"] == 2
+            assert set(b["end_to_end_s"]) == STAT_KEYS and b["end_to_end_s"]["n"] == 2
+            assert b["images_per_s"]["p50"] > 0
+            stages = b["stages_ms"]
+            for stage in ("text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms",
+                          "vae_decoder_ms"):
+                assert set(stages[stage]) == STAT_KEYS, (name, stage)
+            assert b["memory"]["peak_bytes"] > 0
+        assert set(r["speedup_vs_baseline"]["1"]) == set(r["contenders"])
+    assert r["speedup_vs_baseline"]["1"]["diffusers"] == 1.0
+
+
+def test_quality_against_diffusers_fp32(short_result):
+    q = {n: c["quality"] for n, c in short_result["contenders"].items()}
+    assert q["diffusers"] == {"psnr_db": None, "max_abs_diff": 0}  # it is the reference
+    for name in ("sdtrt-onnxruntime", "sdtrt-torch"):  # fp32 graphs: the same image up to rounding
+        assert q[name]["max_abs_diff"] <= 2, name
+        assert q[name]["psnr_db"] is None or q[name]["psnr_db"] > 40, name
+
+
+def test_reports(short_result, tmp_path):
+    paths = write_reports(short_result, tmp_path)
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    assert all(p.parent == tmp_path and p.stem == paths[0].stem for p in paths)
+    assert paths[0].stem.startswith("cpu-")
+    assert json.loads(paths[0].read_text()) == short_result
+    md = paths[1].read_text()
+    assert md.startswith("# sdtrt benchmark: cpu-")
+    for text in ("## End to end, batch 1", "## Per stage, batch 1", "## Throughput", "## Memory", "| sdtrt-onnxruntime |",
+                 "| diffusers |", f"![latency and throughput]({paths[2].name})"):
+        assert text in md
+    with Image.open(paths[2]) as im:
+        im.verify()
+    with Image.open(paths[2]) as im:
+        assert im.format == "PNG" and im.size[0] > 800
+
+
+def test_contender_not_available_is_skipped_with_reason(sd1_workdir_fp32):
+    r = run_bench(sd1_workdir_fp32, BenchSpec(contenders=("sdtrt-onnxruntime", "sdtrt-torch-graph"), steps=1, runs=1,
+                                              warmup=1, batch_sizes=(1,), height=64, width=64, threads=1,
+                                              reference_device="none"), progress=False)
+    assert set(r["contenders"]) == {"sdtrt-onnxruntime"}
+    assert r["skipped"] == {"sdtrt-torch-graph": "CUDA graphs need an NVIDIA GPU"}
+    assert r["baseline"] is None and r["speedup_vs_baseline"] == {} and r["reference"] is None
+    assert r["contenders"]["sdtrt-onnxruntime"]["quality"] is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"contenders": ("diffusers", "nope")}, "unknown contender(s) nope"),
+    ({"batch_sizes": (1, 0)}, "batch sizes must be positive integers"),
+    ({"height": 60}, "height must be a multiple of 8"),
+    ({"runs": 0}, "runs must be an integer >= 1"),
+    ({"reference_device": "tpu"}, "reference device must be one of"),
+])
+def test_spec_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        BenchSpec(**kwargs)
+
+
+def test_psnr():
+    import numpy as np
+
+    a = np.zeros((1, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0] = 255
+    assert psnr(a, a) == {"psnr_db": None, "max_abs_diff": 0}
+    got = psnr(b, a)
+    assert got["max_abs_diff"] == 255 and got["psnr_db"] == pytest.approx(10 * np.log10(48))
+
+
+def test_reports_of_a_gpu_shaped_result(short_result, tmp_path):
+    """The writers on what a GPU run returns (a graph contender's UNet and scheduler times are not observable),
+    checked here because GPU sessions are rare."""
+    import copy
+
+    r = copy.deepcopy(short_result)
+    r["device"] = "cuda"
+    r["environment"].update(cuda="13.0", gpu={"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30,
+                                              "capability": "9.0", "multiprocessors": 132, "driver": "580.159.04",
+                                              "cudnn": 91000})
+    graph = copy.deepcopy(r["contenders"]["sdtrt-torch"])
+    graph.update(cuda_graph=True, device="cuda")
+    for b in graph["batches"].values():
+        b["stages_ms"]["unet_eval_ms"] = b["stages_ms"]["scheduler_step_ms"] = None
+        b["memory"]["device_used_bytes"] = 3 << 30
+    r["contenders"]["sdtrt-torch-graph"] = graph
+    for per_batch in r["speedup_vs_baseline"].values():
+        per_batch["sdtrt-torch-graph"] = per_batch["sdtrt-torch"]
+    r["skipped"] = {"sdtrt-tensorrt": "the tensorrt package is not installed"}
+    paths = write_reports(r, tmp_path)
+    assert paths[0].name.startswith("h100-80gb-hbm3-")
+    md = paths[1].read_text()
+    assert "NVIDIA H100 80GB HBM3 (driver 580.159.04, CUDA 13.0)" in md
+    assert "| sdtrt-torch-graph | torch float32 + CUDA graph |" in md
+    assert "- sdtrt-tensorrt: the tensorrt package is not installed" in md
+    assert "GPU memory" in md
+    with Image.open(paths[2]) as im:
+        assert im.format == "PNG"
