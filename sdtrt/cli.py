@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
     p.add_argument("--clip-skip", type=int, default=1, help="1: last CLIP layer, 2: penultimate (A1111 numbering)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--init-image", type=Path, default=None, metavar="IMAGE",
+                   help="img2img: start from this image (default size: the image's, rounded down to multiples of 8)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: how much of the schedule to run over the image, in (0, 1]")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), metavar="PNG")
     return parser
 
@@ -215,10 +219,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from sdtrt.runtime.png import output_paths, save_png
     from sdtrt.runtime.request import GenerateRequest
 
+    init_image = None
+    if args.init_image is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(args.init_image) as im:
+                init_image = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise UsageError(f"{args.init_image}: cannot read the init image ({e})") from None
     request = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         scheduler=args.scheduler, seed=args.seed, batch=args.batch, height=args.height, width=args.width,
-        clip_skip=args.clip_skip,
+        clip_skip=args.clip_skip, init_image=init_image, strength=args.strength,
     )
     paths = output_paths(args.output, args.batch)  # checked before any heavy work
     pipe = Pipeline.load(args.workdir, backend=args.backend)

@@ -296,3 +296,23 @@ def test_bench_bad_options(capsys, sd1_workdir_fp32, tmp_path, extra, message):
     assert code == 2
     assert message in one_error_line(err)
     assert not list(tmp_path.iterdir())
+
+
+def test_generate_img2img(capsys, sd1_workdir_fp32, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (70, 66), (200, 30, 30)).save(tmp_path / "in.png")
+    code, out, err = run(capsys, "generate", str(sd1_workdir_fp32), "a cat", "--init-image", str(tmp_path / "in.png"),
+                         "--strength", "0.5", "--steps", "4", "--scheduler", "ddim", "-o", str(tmp_path / "out.png"))
+    assert code == 0, err
+    with Image.open(tmp_path / "out.png") as im:
+        assert im.size == (64, 64)  # the init image's size, rounded down to multiples of 8
+    assert "Denoising strength: 0.5" in read_parameters(tmp_path / "out.png")
+
+
+def test_generate_unreadable_init_image(capsys, sd1_workdir_fp32, tmp_path):
+    (tmp_path / "in.png").write_bytes(b"not a png")
+    code, _, err = run(capsys, "generate", str(sd1_workdir_fp32), "a cat", "--init-image", str(tmp_path / "in.png"),
+                       "-o", str(tmp_path / "out.png"))
+    assert code == 2
+    assert "cannot read the init image" in one_error_line(err)

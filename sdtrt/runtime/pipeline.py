@@ -28,7 +28,7 @@ import torch
 
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.export.manifest import read_manifest
-from sdtrt.runtime import schedulers
+from sdtrt.runtime import img2img, schedulers
 from sdtrt.runtime.backends import Backend, load_backend
 from sdtrt.runtime.graphs import LoopGraph, LoopKey
 from sdtrt.runtime.request import GenerateRequest
@@ -104,6 +104,7 @@ class Pipeline:
             self._text = backend.runner("text_encoder")
             self._unet = backend.runner("unet")
             self._decoder = backend.runner("vae_decoder")
+        self._encoder = None  # img2img only: made on first use
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._loops: dict[LoopKey, _LoopState] = {}
         self.use_cuda_graph = backend.capturable and self.device.type == "cuda"
@@ -149,7 +150,10 @@ class Pipeline:
         req = request.validated(default_size=int(self.model["default_size"]), default_scheduler=self.default_scheduler,
                                 scheduler_names=SCHEDULER_NAMES)
         if req.init_image is not None:
-            raise UsageError("img2img is not supported by this version of the runtime yet")
+            img2img.check_scheduler(req.scheduler)
+            img2img.start_index(req.steps, req.strength)
+            if "vae_encoder" not in self.manifest["components"]:
+                raise UsageError(f"{self.workdir}: img2img needs the vae_encoder graph; export it")
         with self._stream_context():
             return self._generate(req)
 
@@ -176,7 +180,8 @@ class Pipeline:
         timings["text_encoder"] = t1 - t0
 
         # 2. loop state for this key, latents and noise drawn as diffusers draws them
-        key = LoopKey(req.batch, req.height, req.width, req.scheduler, req.steps, cfg, 0)
+        start = 0 if req.init_image is None else img2img.start_index(req.steps, req.strength)
+        key = LoopKey(req.batch, req.height, req.width, req.scheduler, req.steps, cfg, start)
         st = self._loop_state(key)
         ehs = self._unet.inputs["encoder_hidden_states"]
         if cfg:
@@ -186,9 +191,12 @@ class Pipeline:
             ehs.copy_(cond.expand(b, -1, -1))
         generator = torch.Generator("cpu").manual_seed(req.seed)
         shape = (b, int(self.model["latent_channels"]), req.height // s, req.width // s)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32) * st.tables.init_noise_sigma
-        st.x.copy_(latents)
-        for i in range(st.noise.shape[0]):
+        if req.init_image is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32) * st.tables.init_noise_sigma
+            st.x.copy_(latents)
+        else:
+            st.x.copy_(self._noised_image(req, st, start, shape, generator))
+        for i in range(start, st.noise.shape[0]):  # one draw per evaluation that runs, in order
             st.noise[i].copy_(torch.randn(shape, generator=generator, dtype=torch.float32))
         if st.history is not None:
             st.history.zero_()
@@ -239,6 +247,8 @@ class Pipeline:
         ]
         if req.clip_skip != 1:
             parts.append(f"Clip skip: {req.clip_skip}")
+        if req.init_image is not None:
+            parts.append(f"Denoising strength: {req.strength:g}")
         if req.batch > 1:
             parts += [f"Batch size: {req.batch}", f"Batch pos: {batch_pos}"]
         parts.append(f"Backend: sdtrt {self.backend.name}")
@@ -272,6 +282,23 @@ class Pipeline:
         if len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return out
+
+    def _noised_image(self, req: GenerateRequest, st: _LoopState, start: int, shape: tuple[int, ...],
+                      generator: torch.Generator) -> torch.Tensor:
+        """img2img's first latents: the encoded image sampled from its latent distribution (one draw, shared by
+        the batch), then noised to evaluation ``start`` (a second draw), in diffusers' order."""
+        if self._encoder is None:
+            self._encoder = self.backend.runner("vae_encoder")
+        s = int(self.model["vae_scale_factor"])
+        pixels = img2img.prepare_image(req.init_image, req.width, req.height)  # (H, W, 3) uint8
+        self._encoder.activate({"B": 1, "H": req.height // s, "W": req.width // s, f"{s}H": req.height, f"{s}W": req.width})
+        self._encoder.inputs["image"].copy_(torch.tensor(pixels)[None])
+        self._encoder.run()
+        mean = self._encoder.outputs["latent_mean"].float().cpu()  # (1, 4, h, w), times the scaling factor
+        std = self._encoder.outputs["latent_std"].float().cpu()
+        x0 = (mean + std * torch.randn(mean.shape, generator=generator, dtype=torch.float32)).expand(shape)
+        a, sigma = img2img.noise_coefs(req.scheduler, self.scheduler_config, st.tables, start)
+        return a * x0 + sigma * torch.randn(shape, generator=generator, dtype=torch.float32)
 
     def _loop_state(self, key: LoopKey) -> _LoopState:
         st = self._loops.get(key)

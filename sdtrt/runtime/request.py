@@ -37,9 +37,9 @@ class GenerateRequest:
         h = default_size if self.height is None else self.height
         w = default_size if self.width is None else self.width
         if self.init_image is not None and (self.height is None or self.width is None):
-            iw, ih = _image_size(self.init_image)
-            h = ih if self.height is None else h
-            w = iw if self.width is None else w
+            iw, ih = _image_size(self.init_image)  # rounded down to multiples of 8, as diffusers does
+            h = ih - ih % 8 if self.height is None else h
+            w = iw - iw % 8 if self.width is None else w
         for name, v in (("height", h), ("width", w)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 8 or v > MAX_SIDE or v % 8:
                 raise UsageError(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v!r}")

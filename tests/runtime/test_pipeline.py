@@ -266,3 +266,50 @@ def test_alternating_shapes_keep_their_prompts(pipes):
     pipe("a blue car", num_inference_steps=2, seed=0, height=72, width=72)
     again = _images(pipe("a red apple", num_inference_steps=2, seed=0))
     assert np.array_equal(first, again)
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "lcm"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_img2img_parity_with_diffusers(tiny_sd1_dir, pipes, init_image, scheduler, batch):
+    import diffusers
+
+    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        tiny_sd1_dir, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+    ref_pipe.set_progress_bar_config(disable=True)
+    cls, overrides = DIFFUSERS_SCHEDULERS[scheduler]
+    ref_pipe.scheduler = getattr(diffusers, cls).from_config({**ref_pipe.scheduler.config, **overrides})
+    ref = ref_pipe(PROMPT, image=init_image, strength=0.6, num_inference_steps=10, num_images_per_prompt=batch,
+                   generator=torch.Generator().manual_seed(4), output_type="np").images
+    ref = (ref * 255).round().astype(np.uint8)
+    result = pipes["onnxruntime-fp32"](PROMPT, image=init_image, strength=0.6, num_inference_steps=10, seed=4,
+                                       scheduler=scheduler, num_images_per_prompt=batch)
+    got = _images(result)
+    assert got.shape == ref.shape == (batch, 64, 64, 3)
+    worst, mean = _levels(got, ref)
+    assert worst <= 2 and mean < 0.05, (worst, mean)
+    assert "Denoising strength: 0.6" in result.infotexts[0]
+    # the image matters: another init image gives another result
+    other = _images(pipes["onnxruntime-fp32"](PROMPT, image=np.zeros((64, 64, 3), np.uint8), strength=0.6,
+                                              num_inference_steps=10, seed=4, scheduler=scheduler))
+    assert _levels(other, got[:1])[1] > 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scheduler": "dpmpp_2m"}, "img2img supports the schedulers ddim, euler, euler_a, lcm for now"),
+        ({"strength": 0.05, "num_inference_steps": 10}, "leaves no step to run"),
+        ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
+    ],
+)
+def test_img2img_bad_requests(pipes, init_image, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        pipes["onnxruntime-fp32"](PROMPT, image=init_image, **{"scheduler": "ddim", **kwargs})
