@@ -316,3 +316,16 @@ def test_generate_unreadable_init_image(capsys, sd1_workdir_fp32, tmp_path):
                        "-o", str(tmp_path / "out.png"))
     assert code == 2
     assert "cannot read the init image" in one_error_line(err)
+
+
+def test_torch_backend_loads_a_single_file_source_like_the_export(capsys, single_files, tmp_path):
+    """The torch backend reloads the source: a lone single file exported with --tokenizer must still load."""
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(single_files["tiny-sd1"], lone)
+    code, _, err = run(capsys, "export", str(lone), str(tmp_path / "wd"), "--precision", "fp32", "--quiet",
+                       "--tokenizer", str(single_files["tiny-sd1"].parent / "tokenizer"))
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", str(tmp_path / "wd"), "a cat", "--backend", "torch", "--steps", "1",
+                       "-q", "-o", str(tmp_path / "out.png"))
+    assert code == 0, err
+    assert (tmp_path / "out.png").is_file()

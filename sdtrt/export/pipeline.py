@@ -90,8 +90,11 @@ def _previous_entries(workdir: Path, manifest: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *, progress: bool = True) -> dict[str, Any]:
-    """Export ``spec.components`` of ``ckpt`` into ``workdir``; returns the manifest written."""
+def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *, progress: bool = True,
+                      load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export ``spec.components`` of ``ckpt`` into ``workdir``; returns the manifest written. ``load_options``
+    (``config_dir``, ``allow_pickle``) are how the checkpoint was loaded, recorded so the torch backend can load
+    it the same way."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=workdir))
@@ -133,7 +136,7 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
         manifest = {
             "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": _source_info(ckpt),
+            "source": {**_source_info(ckpt), "load_options": dict(load_options or {})},
             "versions": _versions(),
             "opset": spec.opset,
             "precision": {"default": spec.precision, "vae": spec.vae_precision or spec.precision},

@@ -67,7 +67,7 @@ def test_manifest_contents(sd1_workdir_fp32, tiny_sd1_dir):
     m = json.loads((sd1_workdir_fp32 / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["opset"] == 17
     assert m["source"] == {"path": str(tiny_sd1_dir.resolve()), "format": "diffusers", "arch": "tiny-sd1",
-                           "family": "sd1", "prediction_type": "epsilon"}
+                           "family": "sd1", "prediction_type": "epsilon", "load_options": {}}
     assert {"torch", "onnx", "onnxruntime", "diffusers", "transformers", "sdtrt"} <= set(m["versions"])
     assert m["model"]["vae_scale_factor"] == 8 and m["model"]["default_size"] == 64
     unet = m["components"]["unet"]

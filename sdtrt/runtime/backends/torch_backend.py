@@ -42,7 +42,10 @@ class TorchBackend:
         if not source.exists():
             raise CheckpointError(f"the torch backend runs the source checkpoint, {source}, which is missing; "
                                   "use --backend onnxruntime or tensorrt, or restore the checkpoint")
-        ckpt = load_checkpoint(source, allow_pickle=source.suffix in (".ckpt", ".pt", ".pth"))
+        opts = manifest["source"].get("load_options", {})
+        # The export's tokenizer stands in for one that sat beside a single file or came from --tokenizer.
+        ckpt = load_checkpoint(source, config_dir=opts.get("config_dir"), allow_pickle=bool(opts.get("allow_pickle")),
+                               tokenizer_dir=workdir / "tokenizer")
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.capturable = device.type == "cuda"
