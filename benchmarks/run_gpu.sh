@@ -9,7 +9,8 @@
 # workdir, reused while the machine stays warm), ARCH (sd15), PRECISION (fp16), VALIDATE (0: export without the
 # ONNX Runtime check, which runs on the CPU there and is not needed for the benchmark: PSNR checks the outputs),
 # SIZE (512), STEPS (50), BATCHES (1,8), RUNS (10), WARMUP (2), CONTENDERS (auto), SKIP_COMPILE (0),
-# REFERENCE (auto: diffusers fp32 on the GPU with TF32 off), STEM (report file stem; default <gpu>-<date>).
+# THREADS (torch/ORT intra-op threads; default: the libraries' own). Reports are named <gpu>-<date>.{json,md,png};
+# the PSNR reference is diffusers fp32 on the GPU with TF32 off (`sdtrt bench`'s default there).
 # One device command may run 10 minutes: split batch sizes over calls if needed (BATCHES=1 then BATCHES=8 RUNS=5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,7 @@ RUNS=${RUNS:-10}
 WARMUP=${WARMUP:-2}
 CONTENDERS=${CONTENDERS:-auto}
 SKIP_COMPILE=${SKIP_COMPILE:-0}
-REFERENCE=${REFERENCE:-auto}
-STEM=${STEM:-}
+THREADS=${THREADS:-}
 PHASE=${1:-all}
 
 CKPT=$WORK/$ARCH
@@ -40,7 +40,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-sdtrt() { python3 -m sdtrt "$@"; }
+SDTRT=${SDTRT:-python3 -m sdtrt}  # how to call the CLI (word-split on purpose)
+sdtrt() { $SDTRT "$@"; }
 
 log() { echo "[run_gpu $(date +%H:%M:%S)] $*"; }
 
@@ -55,7 +56,7 @@ prepare() {
     if [ ! -f "$WD/manifest.json" ]; then
         log "export $PRECISION -> $WD"
         flags=()
-        [ "$VALIDATE" = 1 ] || flags+=(--no-validate)
+        if [ "$VALIDATE" != 1 ]; then flags+=(--no-validate); fi
         sdtrt export "$CKPT" "$WD" --precision "$PRECISION" "${flags[@]}" -q
     fi
     # TensorRT engines only where a builder exists (the lent machines have none today: the tensorrt contenders are
@@ -63,7 +64,10 @@ prepare() {
     if python3 -c "import tensorrt" 2>/dev/null && sdtrt build --help >/dev/null 2>&1; then
         if ! compgen -G "$WD/engines/*.plan" >/dev/null; then
             log "build TensorRT engines"
-            sdtrt build "$WD" || log "engine build failed; the tensorrt contenders will be skipped"
+            # one engine set for every batch size benched: dynamic batch up to the largest, sides fixed at SIZE
+            max_batch=$(tr ',' '\n' <<<"$BATCHES" | sort -n | tail -1)
+            sdtrt build "$WD" --dynamic --max-batch "$max_batch" --height "$SIZE" --width "$SIZE" \
+                --min-side "$SIZE" --max-side "$SIZE" -q || log "engine build failed; the tensorrt contenders will be skipped"
         fi
     else
         log "no TensorRT builder here: the tensorrt contenders will be skipped"
@@ -74,9 +78,10 @@ bench() {
     [ -f "$WD/manifest.json" ] || prepare
     mkdir -p "$OUT"
     flags=(--contenders "$CONTENDERS" --steps "$STEPS" --batch-sizes "$BATCHES" --height "$SIZE" --width "$SIZE"
-           --runs "$RUNS" --warmup "$WARMUP" --reference-device "$REFERENCE" --out "$OUT")
-    [ "$SKIP_COMPILE" = 1 ] && flags+=(--skip-compile)
-    [ -n "$STEM" ] && flags+=(--stem "$STEM")
+           --runs "$RUNS" --warmup "$WARMUP" --out "$OUT")
+    if [ "$SKIP_COMPILE" = 1 ]; then flags+=(--skip-compile); fi
+    if [ -n "$THREADS" ]; then flags+=(--threads "$THREADS"); fi
+    if [ -n "${STEM:-}" ]; then flags+=(--stem "$STEM"); fi
     log "bench ${flags[*]}"
     sdtrt bench "$WD" "${flags[@]}" 2>&1 | tee "$OUT/bench.log"
     ls -l "$OUT"

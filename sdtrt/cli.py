@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every contender alike")
     p.add_argument("--skip-compile", action="store_true", help="leave out diffusers + torch.compile (compiles for minutes)")
     p.add_argument("--short", action="store_true", help="a CI-sized run (2 steps, 2 runs, batch 1,2, 64x64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=None, help="default: an astronaut riding a horse on mars")
+    p.add_argument("--reference-device", choices=("auto", "cpu", "cuda", "none"), default="auto",
+                   help="where the diffusers fp32 reference for PSNR runs (none: no image comparison)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    p.add_argument("--stem", default=None, help="report file name stem (default: <device>-<date>)")
 
     p = sub.add_parser("generate", help="WORKDIR + prompt -> PNG(s)")
     _common(p)
@@ -289,12 +294,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     fields = dict(
         contenders=parse_contenders(args.contenders), steps=args.steps, batch_sizes=parse_batch_sizes(args.batch_sizes),
         height=args.height, width=args.width, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler,
-        threads=args.threads, skip_compile=args.skip_compile,
+        threads=args.threads, skip_compile=args.skip_compile, seed=args.seed, reference_device=args.reference_device,
     )
+    if args.prompt is not None:
+        fields["prompt"] = args.prompt
     if args.short:
         fields.update(SHORT)
     result = run_bench(args.workdir, BenchSpec(**fields), progress=not args.quiet)
-    paths = write_reports(result, args.out)
+    paths = write_reports(result, args.out, stem=args.stem)
     if not args.quiet:
         for line in summary_lines(result):
             print(line)

@@ -275,10 +275,11 @@ def test_bench_short_writes_reports(capsys, sd1_workdir_fp32, tmp_path):
     import json
 
     code, out, err = run(capsys, "bench", str(sd1_workdir_fp32), "--short", "--contenders",
-                         "diffusers,sdtrt-onnxruntime", "--out", str(tmp_path), "--quiet")
+                         "diffusers,sdtrt-onnxruntime", "--threads", "1", "--stem", "smoke", "--out", str(tmp_path),
+                         "--quiet")
     assert code == 0, err
-    files = sorted(p.suffix for p in tmp_path.iterdir())
-    assert files == [".json", ".md", ".png"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["smoke.json", "smoke.md", "smoke.png"]
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert set(result["contenders"]) >= {"diffusers", "sdtrt-onnxruntime"}
 

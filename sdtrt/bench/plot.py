@@ -37,9 +37,9 @@ def _ticks(top: float, n: int = 5) -> list[float]:
 def _latency_panel(d: ImageDraw.ImageDraw, result: dict[str, Any], box: tuple[int, int, int, int], font, small) -> None:
     x0, y0, x1, y1 = box
     b0 = str(min(result["spec"]["batch_sizes"]))
-    rows = [(n, c["batches"][b0]["end_to_end_s"]) for n, c in result["contenders"].items()]
+    rows = [(n, c["batches"][b0]["end_to_end_s"]) for n, c in result["contenders"].items() if b0 in c["batches"]]
     label_w = 190
-    top = _nice_max(max(s["p90"] for _, s in rows))
+    top = _nice_max(max((s["p90"] for _, s in rows), default=1.0))
     px0 = x0 + label_w
     d.text((x0, y0 - 45), f"End to end latency, batch {b0} (s): bar p50, whisker min-p90", fill="black", font=font)
     for t in _ticks(top):
@@ -64,9 +64,9 @@ def _latency_panel(d: ImageDraw.ImageDraw, result: dict[str, Any], box: tuple[in
 def _throughput_panel(d: ImageDraw.ImageDraw, result: dict[str, Any], box: tuple[int, int, int, int], font, small) -> None:
     x0, y0, x1, y1 = box
     batches = sorted(result["spec"]["batch_sizes"])
-    series = [(n, [c["batches"][str(b)]["images_per_s"]["p50"] for b in batches])
+    series = [(n, [c["batches"][str(b)]["images_per_s"]["p50"] if str(b) in c["batches"] else None for b in batches])
               for n, c in result["contenders"].items()]
-    top = _nice_max(max(max(v) for _, v in series))
+    top = _nice_max(max((x for _, v in series for x in v if x is not None), default=1.0))
     d.text((x0, y0 - 45), "Throughput (images/s, p50) vs batch size", fill="black", font=font)
     for t in _ticks(top):
         y = y1 - (y1 - y0) * t / top
@@ -80,7 +80,7 @@ def _throughput_panel(d: ImageDraw.ImageDraw, result: dict[str, Any], box: tuple
         d.text((xpos(i), y1 + 6), str(b), fill="black", font=small, anchor="ma")
     for k, (name, values) in enumerate(series):
         color = COLORS[k % len(COLORS)]
-        pts = [(xpos(i), y1 - (y1 - y0) * v / top) for i, v in enumerate(values)]
+        pts = [(xpos(i), y1 - (y1 - y0) * v / top) for i, v in enumerate(values) if v is not None]
         if len(pts) > 1:
             d.line(pts, fill=color, width=3)
         for x, y in pts:

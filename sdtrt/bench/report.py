@@ -36,6 +36,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     b0 = str(min(result["spec"]["batch_sizes"]))
     lines = [f"batch {b0}, {result['spec']['steps']} steps, {result['spec']['width']}x{result['spec']['height']}:"]
     for name, c in result["contenders"].items():
+        if b0 not in c["batches"]:
+            continue
         e2e = c["batches"][b0]["end_to_end_s"]
         sp = result["speedup_vs_baseline"].get(b0, {}).get(name)
         q = c.get("quality") or {}
@@ -43,10 +45,18 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"  {name:<22} p50 {e2e['p50']:.3f} s  p90 {e2e['p90']:.3f} s"
                      + (f"  {sp:.2f}x" if sp is not None else "") + psnr)
     lines += [f"  not run: {name}: {why}" for name, why in result["skipped"].items()]
+    lines += [f"  {name}: {why}" for name, why in result.get("failed", {}).items()]
     return lines
 
 
 # -- Markdown ----------------------------------------------------------------------------------------------------
+_EMPTY: dict[str, Any] = {  # a batch size a contender dropped out before
+    "end_to_end_s": None, "images_per_s": None, "memory": {},
+    "stages_ms": dict.fromkeys(("text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms",
+                                "vae_decoder_ms")),
+}
+
+
 def _num(v: float | None, fmt: str = "{:.3g}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -110,7 +120,7 @@ def markdown(result: dict[str, Any], *, png_name: str | None = None) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, c in cs.items():
-        r = c["batches"][b0]
+        r = c["batches"].get(b0, _EMPTY)
         q = c.get("quality") or {}
         sp = result["speedup_vs_baseline"].get(b0, {}).get(name)
         psnr = "identical" if q and q.get("psnr_db") is None else _num(q.get("psnr_db"), "{:.1f}")
@@ -125,7 +135,7 @@ def markdown(result: dict[str, Any], *, png_name: str | None = None) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, c in cs.items():
-        st = c["batches"][b0]["stages_ms"]
+        st = c["batches"].get(b0, _EMPTY)["stages_ms"]
         lines.append(f"| {name} | " + " | ".join(_stat(st[k]) for k in (
             "text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms", "vae_decoder_ms")) + " |")
     batches = [str(b) for b in spec["batch_sizes"]]
@@ -140,7 +150,7 @@ def markdown(result: dict[str, Any], *, png_name: str | None = None) -> str:
         cells = []
         for b in batches:
             sp = result["speedup_vs_baseline"].get(b, {}).get(name)
-            cells.append(_stat(c["batches"][b]["images_per_s"]) + (f" ({sp:.2f}x)" if sp is not None else ""))
+            cells.append(_stat(c["batches"].get(b, _EMPTY)["images_per_s"]) + (f" ({sp:.2f}x)" if sp is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -151,9 +161,10 @@ def markdown(result: dict[str, Any], *, png_name: str | None = None) -> str:
     ]
     for name, c in cs.items():
         lines.append(f"| {name} | {_bytes(c.get('load_memory_bytes'))} | "
-                     + " | ".join(_bytes(c["batches"][b]["memory"].get("peak_delta_bytes")) for b in batches) + " |")
-    if result["skipped"]:
-        lines += ["", "## Not run", ""] + [f"- {k}: {v}" for k, v in result["skipped"].items()]
+                     + " | ".join(_bytes(c["batches"].get(b, _EMPTY)["memory"].get("peak_delta_bytes")) for b in batches) + " |")
+    if result["skipped"] or result.get("failed"):
+        lines += ["", "## Not run, or dropped out", ""]
+        lines += [f"- {k}: {v}" for k, v in {**result["skipped"], **result.get("failed", {})}.items()]
     lines += [
         "",
         "Definitions: *UNet eval* is one UNet call (both CFG halves); *scheduler step* is the time between two UNet "

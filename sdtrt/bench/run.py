@@ -127,34 +127,51 @@ def _load(c: Contender, spec: BenchSpec, cuda: bool) -> tuple[dict[str, Any], np
     return record, first.images
 
 
-def _measure(loaded: list[Contender], batch: int, spec: BenchSpec, probe: PeakProbe, bar) -> dict[str, dict]:
-    """Warm-ups for every contender, then ``spec.runs`` interleaved rounds at one batch size."""
+def _measure(loaded: list[Contender], batch: int, spec: BenchSpec, probe: PeakProbe, bar
+             ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Warm-ups for every contender, then ``spec.runs`` interleaved rounds at one batch size. A contender that
+    fails (an engine without this shape, out of memory) drops out with its reason; the others go on."""
+    failed: dict[str, str] = {}
+
+    def attempt(c: Contender) -> Sample | None:
+        try:
+            return c.generate(batch)
+        except (SdtrtError, RuntimeError) as e:
+            failed[c.name] = f"failed at batch {batch}: {type(e).__name__}: {e}"
+            log.warning("%s %s", c.name, failed[c.name])
+            return None
+
     for c in loaded:
         bar.set_description(f"warm-up b{batch} {c.name}")
         for _ in range(spec.warmup):
-            c.generate(batch)
+            if c.name not in failed:
+                attempt(c)
             bar.update(1)
     samples: dict[str, list[Sample]] = {c.name: [] for c in loaded}
     memory: dict[str, list[dict]] = {c.name: [] for c in loaded}
     for r in range(spec.runs):
         bar.set_description(f"bench b{batch} round {r + 1}/{spec.runs}")
         for c in loaded:
-            probe.start()
-            s = c.generate(batch)
-            memory[c.name].append(probe.stop())
-            s.images = s.images[:0]  # keep the figures, not the pixels
-            samples[c.name].append(s)
+            if c.name not in failed:
+                probe.start()
+                s = attempt(c)
+                if s is not None:
+                    memory[c.name].append(probe.stop())
+                    s.images = s.images[:0]  # keep the figures, not the pixels
+                    samples[c.name].append(s)
             bar.update(1)
-    return {c.name: _aggregate(batch, samples[c.name], memory[c.name]) for c in loaded}
+    figures = {c.name: _aggregate(batch, samples[c.name], memory[c.name]) for c in loaded if c.name not in failed}
+    return figures, failed
 
 
 def _speedups(results: dict[str, dict], batch_sizes: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    if BASELINE not in results:
-        return {}
-    out = {}
+    """Baseline p50 over each contender's p50, per batch size both were measured at."""
+    out: dict[str, dict[str, float]] = {}
     for b in map(str, batch_sizes):
-        base = results[BASELINE]["batches"][b]["end_to_end_s"]["p50"]
-        out[b] = {n: base / r["batches"][b]["end_to_end_s"]["p50"] for n, r in results.items()}
+        base = results.get(BASELINE, {}).get("batches", {}).get(b)
+        if base is not None:
+            out[b] = {n: base["end_to_end_s"]["p50"] / r["batches"][b]["end_to_end_s"]["p50"]
+                      for n, r in results.items() if b in r["batches"]}
     return out
 
 
@@ -174,7 +191,8 @@ def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) ->
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     env = capture_environment()
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = {}  # never measured: unavailable here, or failed to load
+    failed: dict[str, str] = {}  # dropped out at a batch size; its figures for earlier batch sizes stand
     loaded: list[Contender] = []
     results: dict[str, dict[str, Any]] = {}
     first_images: dict[str, np.ndarray] = {}
@@ -213,8 +231,15 @@ def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) ->
         bar.unit = "req"
         probe = PeakProbe(cuda)
         for batch in spec.batch_sizes:
-            for name, figures in _measure(loaded, batch, spec, probe, bar).items():
-                results[name]["batches"][str(batch)] = figures
+            figures, failures = _measure(loaded, batch, spec, probe, bar)
+            for name, f in figures.items():
+                results[name]["batches"][str(batch)] = f
+            failed.update(failures)
+            for c in [c for c in loaded if c.name in failures]:
+                c.close()
+                loaded.remove(c)
+            if failures and cuda:
+                torch.cuda.empty_cache()
     finally:
         bar.close()
         for c in loaded:
@@ -238,5 +263,6 @@ def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) ->
                                                       "batch": spec.smallest_batch, "reused_contender": reuse},
         "contenders": results,
         "skipped": skipped,
+        "failed": failed,
         "speedup_vs_baseline": _speedups(results, spec.batch_sizes),
     }

@@ -35,7 +35,7 @@ def test_result_fields(short_result):
     assert r["reference"] == {"engine": "diffusers", "dtype": "float32", "device": "cpu", "batch": 1,
                               "reused_contender": "diffusers"}
     assert set(r["contenders"]) == {"diffusers", "sdtrt-onnxruntime", "sdtrt-torch"}
-    assert r["skipped"] == {}
+    assert r["skipped"] == {} and r["failed"] == {}
     for name, c in r["contenders"].items():
         assert c["load_s"] > 0 and c["first_image_s"] > 0, name
         assert set(c["batches"]) == {"1", "2"}
@@ -139,3 +139,25 @@ def test_reports_of_a_gpu_shaped_result(short_result, tmp_path):
     assert "GPU memory" in md
     with Image.open(paths[2]) as im:
         assert im.format == "PNG"
+
+
+def test_contender_failing_at_a_batch_size_drops_out(sd1_workdir_fp32, tmp_path, monkeypatch):
+    """An engine without a shape (or an OOM) at one batch size ends that contender's run, not the benchmark."""
+    from sdtrt.bench.contenders import SdtrtContender
+    from sdtrt.errors import ShapeError
+
+    call = SdtrtContender._call
+
+    def no_batch_2(self, batch):
+        if batch == 2:
+            raise ShapeError("batch 2 is outside the engine's profile")
+        return call(self, batch)
+
+    monkeypatch.setattr(SdtrtContender, "_call", no_batch_2)
+    r = run_bench(sd1_workdir_fp32, BenchSpec(contenders=("diffusers", "sdtrt-onnxruntime"), steps=1, runs=1, warmup=1,
+                                              batch_sizes=(1, 2), height=64, width=64, threads=1), progress=False)
+    assert r["failed"] == {"sdtrt-onnxruntime": "failed at batch 2: ShapeError: batch 2 is outside the engine's profile"}
+    assert set(r["contenders"]["sdtrt-onnxruntime"]["batches"]) == {"1"}
+    assert set(r["speedup_vs_baseline"]["2"]) == {"diffusers"}
+    paths = write_reports(r, tmp_path)
+    assert "- sdtrt-onnxruntime: failed at batch 2" in paths[1].read_text()
