@@ -76,10 +76,19 @@ def fold_and_clean(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too big to serialise as one protobuf. Measured from the weights, because protobuf's own
+    ``ByteSize()`` fails past 2 GiB instead of answering."""
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights >= PROTOBUF_LIMIT - (64 << 20):
+        return True
+    return model.ByteSize() >= PROTOBUF_LIMIT
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference, so parsers see shapes for every intermediate tensor (in memory below 2 GiB,
     through a temporary file above)."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if not is_large(model):
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     with tempfile.TemporaryDirectory(prefix="sdtrt-infer-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -95,16 +104,9 @@ def optimise(model: onnx.ModelProto, io: GraphIO, precision: str) -> onnx.ModelP
         model = convert_to_fp16(model, fp32_inputs=io.fp32_inputs)
         model = fold_and_clean(model)  # folds casts of constants into fp16/fp32 initializers
     model = infer_shapes(model)
-    onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else _skeleton(model))
+    if not is_large(model):
+        onnx.checker.check_model(model)  # large graphs are checked from their files by save_graph
     return model
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for init in m.graph.initializer:
-        init.ClearField("raw_data")
-    return m
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
@@ -113,7 +115,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     data_path = path.parent / data_name
-    external = model.ByteSize() >= PROTOBUF_LIMIT
+    external = is_large(model)
     if not external:
         data_path.unlink(missing_ok=True)
         with atomic_path(path) as tmp:
@@ -125,6 +127,11 @@ def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
         tmp_graph = Path(tmp) / path.name
         onnx.save_model(model, str(tmp_graph), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
+        onnx.checker.check_model(str(tmp_graph))  # from the file: the only way the checker takes > 2 GiB
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in (tmp_graph, Path(tmp) / data_name):
+            f.chmod(0o666 & ~umask)  # onnx writes the data file 0600
         os.replace(Path(tmp) / data_name, data_path)
         os.replace(tmp_graph, path)
     return [path, data_path]

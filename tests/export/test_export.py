@@ -156,3 +156,17 @@ def test_interrupted_commit_leaves_no_manifest(tiny_sd1, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     with pytest.raises(Exception, match="incomplete export"):
         read_manifest(wd)
+
+
+def test_large_graph_path_with_external_data(tiny_sd1, tmp_path, monkeypatch):
+    """Graphs over protobuf's 2 GiB keep their weights in <name>.onnx.data: exercised here by lowering the limit."""
+    from sdtrt.export import graph
+
+    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 1 << 20)  # the tiny UNet's ~8 MiB of weights count as "large"
+    wd = tmp_path / "wd"
+    m = export_checkpoint(tiny_sd1, wd, ExportSpec(precision="fp32", components=("unet",)), progress=False)
+    files = m["components"]["unet"]["files"]
+    assert [f["path"] for f in files] == ["onnx/unet.onnx", "onnx/unet.onnx.data"]
+    assert (wd / "onnx" / "unet.onnx").stat().st_size < 1 << 20 < (wd / "onnx" / "unet.onnx.data").stat().st_size
+    assert all(v["passed"] for per_shape in m["components"]["unet"]["validation"] for v in per_shape.values())
+    read_manifest(wd, verify_hashes=True)
