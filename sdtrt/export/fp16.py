@@ -38,25 +38,24 @@ UNSUPPORTED_OPS = frozenset({"EyeLike", "RandomNormal", "RandomNormalLike", "Ran
 
 
 def infer_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every named tensor, by ONNX type inference on a copy without weight data
-    (so graphs over protobuf's 2 GB limit work too)."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for init in skeleton.graph.initializer:
-        init.ClearField("raw_data")
-        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            init.ClearField(field)
-        del init.external_data[:]
-        init.data_location = TensorProto.DEFAULT
-    # Without data, shape inference can't read initializer values; types still propagate.
-    inferred = onnx.shape_inference.infer_shapes(_with_init_types(skeleton), strict_mode=False)
+    """Element type of every named tensor, by ONNX type inference on a skeleton of the graph that declares the
+    initializers as typed inputs and never copies their data (so graphs over protobuf's 2 GB limit work too)."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    g = skeleton.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    names = {i.name for i in model.graph.input}
+    g.input.extend(
+        helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        for init in model.graph.initializer
+        if init.name not in names
+    )
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
     types: dict[str, int] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
+    for vi in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
         types[vi.name] = vi.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
-    for node in g.node:
+    for node in inferred.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
@@ -64,16 +63,6 @@ def infer_types(model: onnx.ModelProto) -> dict[str, int]:
                 elif a.name in ("value_float", "value_floats"):
                     types[node.output[0]] = FLOAT
     return types
-
-
-def _with_init_types(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Declare initializers as graph inputs so inference knows their types although their data is gone."""
-    names = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        if init.name not in names:
-            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    del model.graph.initializer[:]
-    return model
 
 
 def _to_fp16_tensor(t: TensorProto) -> TensorProto:
@@ -89,7 +78,8 @@ def convert_to_fp16(
     fp32_inputs: tuple[str, ...] = (),
     fp32_outputs: tuple[str, ...] = (),
 ) -> onnx.ModelProto:
-    """Return a new model: float16 everywhere except the islands and regions described in the module docstring.
+    """Convert ``model`` in place (and return it): float16 everywhere except the islands and regions described in
+    the module docstring.
 
     Graph input and output names are kept; their element types change to float16 unless named in
     ``fp32_inputs`` / ``fp32_outputs``. Non-float tensors (token ids, shapes, uint8 pixels) are untouched.

@@ -259,12 +259,13 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------------------------
     def _tokens(self, prompt: str) -> tuple[int, ...]:
+        """bos + tokens + eos, cut and padded to 77 as the tokenizer's max_length truncation does, tokenizing once."""
         max_len = int(self.model["max_length"])
-        full = self.tokenizer(prompt, truncation=False)["input_ids"]
-        if len(full) > max_len:
-            log.warning("prompt is %d tokens; truncated to %d (long prompts are not chunked yet)", len(full), max_len)
-        ids = self.tokenizer(prompt, padding="max_length", max_length=max_len, truncation=True)["input_ids"]
-        return tuple(ids)
+        ids = self.tokenizer(prompt, truncation=False)["input_ids"]  # [bos, ..., eos]
+        if len(ids) > max_len:
+            log.warning("prompt is %d tokens; truncated to %d (long prompts are not chunked yet)", len(ids), max_len)
+            ids = ids[: max_len - 1] + ids[-1:]
+        return tuple(ids) + (self.tokenizer.pad_token_id,) * (max_len - len(ids))
 
     def _embed(self, prompt: str, clip_skip: int) -> torch.Tensor:
         """(1, 77, C) embedding of one prompt, cached by its token ids."""
