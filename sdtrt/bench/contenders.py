@@ -25,17 +25,6 @@ from sdtrt.bench.timing import CallTimer, durations, install, loop_figures
 from sdtrt.errors import UsageError
 
 # our scheduler names -> diffusers classes; the config overrides each name pins come from sdtrt's registry.
-DIFFUSERS_SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lcm": "LCMScheduler",
-}
 
 
 @dataclass
@@ -96,7 +85,7 @@ def _diffusers_scheduler(config: dict, name: str):
 
     from sdtrt.runtime import schedulers
 
-    return getattr(diffusers, DIFFUSERS_SCHEDULERS[name]).from_config({**config, **schedulers.get_scheduler(name).overrides})
+    return getattr(diffusers, schedulers.DIFFUSERS_CLASSES[name]).from_config({**config, **schedulers.get_scheduler(name).overrides})
 
 
 class DiffusersContender(Contender):

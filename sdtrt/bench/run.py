@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from sdtrt.bench.contenders import (
-    DIFFUSERS_SCHEDULERS,
     Contender,
     DiffusersContender,
     Sample,
@@ -65,12 +64,11 @@ def _source_info(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scheduler_name(workdir: Path, spec: BenchSpec) -> str:
-    from sdtrt.runtime.pipeline import default_scheduler_name
+    from sdtrt.runtime import schedulers
 
     config = json.loads((workdir / "scheduler" / "scheduler_config.json").read_text())
-    name = spec.scheduler or default_scheduler_name(config)
-    if name not in DIFFUSERS_SCHEDULERS:
-        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(DIFFUSERS_SCHEDULERS)}")
+    name = spec.scheduler or schedulers.name_for_config(config)
+    schedulers.get_scheduler(name)  # UsageError listing the valid names
     return name
 
 

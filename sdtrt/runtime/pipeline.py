@@ -40,25 +40,8 @@ TEXT_CACHE_SIZE = 64
 COMPONENTS_NEEDED = ("text_encoder", "unet", "vae_decoder")
 
 
-# diffusers scheduler classes -> our names: the default scheduler is the checkpoint's own.
-_CLASS_TO_NAME = {
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "LMSDiscreteScheduler": "lms",
-    "UniPCMultistepScheduler": "unipc",
-    "LCMScheduler": "lcm",
-}
 SCHEDULER_NAMES: tuple[str, ...] = tuple(schedulers.SCHEDULERS)
 _A1111_NAME = {ours: a1111 for a1111, ours in reversed(list(schedulers.A1111_SAMPLERS.items()))}
-
-
-def default_scheduler_name(config: Mapping[str, Any]) -> str:
-    cls = config.get("_class_name", "")
-    if cls == "DPMSolverMultistepScheduler":
-        return "dpmpp_2m_karras" if config.get("use_karras_sigmas") else "dpmpp_2m"
-    return _CLASS_TO_NAME.get(cls, "ddim")
 
 
 class NonFiniteError(SdtrtError):
@@ -98,7 +81,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.model = manifest["model"]
-        self.default_scheduler = default_scheduler_name(scheduler_config)
+        self.default_scheduler = schedulers.name_for_config(scheduler_config)  # the checkpoint's own
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with self._stream_context():  # backends that bind a stream at creation (ORT's CUDA EP) get ours
             self._text = backend.runner("text_encoder")

@@ -31,12 +31,14 @@ from .tables import Tables, at, new_history
 
 __all__ = [
     "A1111_SAMPLERS",
+    "DIFFUSERS_CLASSES",
     "SCHEDULERS",
     "Scheduler",
     "Tables",
     "at",
     "get_scheduler",
     "get_scheduler_a1111",
+    "name_for_config",
     "new_history",
 ]
 
@@ -126,3 +128,27 @@ def get_scheduler_a1111(sampler_name: str) -> Scheduler:
         raise UsageError(
             f"unknown sampler {sampler_name!r}; choose one of: {', '.join(repr(n) for n in A1111_SAMPLERS)}"
         ) from None
+
+
+# Our names -> the diffusers scheduler class each reproduces (configured with the name's ``overrides``).
+DIFFUSERS_CLASSES: Mapping[str, str] = MappingProxyType(
+    {
+        "ddim": "DDIMScheduler",
+        "pndm": "PNDMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler",
+        "dpmpp_2m": "DPMSolverMultistepScheduler",
+        "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+        "lms": "LMSDiscreteScheduler",
+        "unipc": "UniPCMultistepScheduler",
+        "lcm": "LCMScheduler",
+    }
+)
+
+
+def name_for_config(config: Mapping[str, Any], default: str = "ddim") -> str:
+    """Our name for the scheduler a diffusers ``scheduler_config.json`` describes (``default`` if none matches)."""
+    cls = config.get("_class_name", "")
+    if cls == "DPMSolverMultistepScheduler":
+        return "dpmpp_2m_karras" if config.get("use_karras_sigmas") else "dpmpp_2m"
+    return next((name for name, c in DIFFUSERS_CLASSES.items() if c == cls), default)
