@@ -14,11 +14,12 @@ synchronises only between stages, for the per-stage timings.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from sdtrt.export.manifest import read_manifest
 from sdtrt.runtime import img2img, schedulers
 from sdtrt.runtime.backends import Backend, load_backend
 from sdtrt.runtime.graphs import LoopGraph, LoopKey
-from sdtrt.runtime.request import GenerateRequest
+from sdtrt.runtime.request import MAX_BATCH, GenerateRequest, batch_key
 from sdtrt.runtime.schedulers.tables import at
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Result:
     request: GenerateRequest  # with every default filled in
     backend: str
     infotexts: list[str]  # A1111-style "parameters" text per image
+    batch_rows: int = 1  # images in the pass that made these (more than ``request.batch`` when micro-batched)
 
 
 @dataclass
@@ -129,7 +131,9 @@ class Pipeline:
             clip_skip=clip_skip, init_image=image, strength=strength,
         ))
 
-    def generate(self, request: GenerateRequest) -> Result:
+    def validate(self, request: GenerateRequest) -> GenerateRequest:
+        """``request`` with every default filled in, checked against this checkpoint; ``UsageError`` otherwise.
+        Cheap (no device work): servers call it at the edge, before queueing."""
         req = request.validated(default_size=int(self.model["default_size"]), default_scheduler=self.default_scheduler,
                                 scheduler_names=SCHEDULER_NAMES)
         if req.init_image is not None:
@@ -137,53 +141,78 @@ class Pipeline:
             img2img.start_index(req.steps, req.strength)
             if "vae_encoder" not in self.manifest["components"]:
                 raise UsageError(f"{self.workdir}: img2img needs the vae_encoder graph; export it")
+        return req
+
+    def generate(self, request: GenerateRequest) -> Result:
+        return self.generate_batch([request])[0]
+
+    def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[Result]:
+        """Several requests in one pass (micro-batching): their rows are stacked along the batch axis and run as one
+        batch. Each request keeps its own prompt, negative prompt, seed and batch size, and its latents and step
+        noise come from its own generator, so it gets the images it would get alone (up to float rounding of the
+        larger batch). The requests must share a ``batch_key``."""
+        if not requests:
+            return []
+        reqs = [self.validate(r) for r in requests]
+        keys = {batch_key(r) for r in reqs}
+        if len(keys) > 1:
+            raise UsageError("requests batched together must share size, scheduler, steps, guidance, clip skip and "
+                             "img2img strength")
+        rows = sum(r.batch for r in reqs)
+        if rows > MAX_BATCH:
+            raise UsageError(f"a batch of {rows} images is over the limit of {MAX_BATCH}")
         with self._stream_context():
-            return self._generate(req)
+            return self._generate(reqs)
 
     def _stream_context(self):
         # On CUDA everything runs on the pipeline's own stream: TensorRT and graph capture dislike the legacy
         # default stream, which synchronises with every other stream.
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    def _generate(self, req: GenerateRequest) -> Result:
+    def _generate(self, reqs: list[GenerateRequest]) -> list[Result]:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         s = int(self.model["vae_scale_factor"])
-        b, cfg = req.batch, req.guidance > 1.0
+        first = reqs[0]  # the shared settings (one batch_key)
+        b, cfg = sum(r.batch for r in reqs), first.guidance > 1.0
+        ends = list(itertools.accumulate(r.batch for r in reqs))
+        parts = [(req, slice(end - req.batch, end)) for req, end in zip(reqs, ends, strict=True)]  # rows per request
+        h, w = first.height, first.width
         # 0. shapes first: a backend that cannot run them (an engine's profile) refuses before any work
-        self._unet.activate({"2B": b * (2 if cfg else 1), "H": req.height // s, "W": req.width // s})
-        self._decoder.activate({"B": b, "H": req.height // s, "W": req.width // s, f"{s}H": req.height, f"{s}W": req.width})
+        self._unet.activate({"2B": b * (2 if cfg else 1), "H": h // s, "W": w // s})
+        self._decoder.activate({"B": b, "H": h // s, "W": w // s, f"{s}H": h, f"{s}W": w})
 
-        # 1. text embeddings: [uncond; cond], (2B or B, 77, C)
-        cond = self._embed(req.prompt, req.clip_skip)
-        uncond = self._embed(req.negative_prompt, req.clip_skip) if cfg else None
+        # 1. text embeddings into the UNet's input: [uncond; cond], (2B or B, 77, C)
+        ehs = self._unet.inputs["encoder_hidden_states"]
+        for req, r in parts:
+            cond = self._embed(req.prompt, req.clip_skip)
+            n = r.stop - r.start
+            if cfg:
+                ehs[r].copy_(self._embed(req.negative_prompt, req.clip_skip).expand(n, -1, -1))
+                ehs[b + r.start : b + r.stop].copy_(cond.expand(n, -1, -1))
+            else:
+                ehs[r].copy_(cond.expand(n, -1, -1))
         sync()
         t1 = time.perf_counter()
         timings["text_encoder"] = t1 - t0
 
-        # 2. loop state for this key, latents and noise drawn as diffusers draws them
-        start = 0 if req.init_image is None else img2img.start_index(req.steps, req.strength)
-        key = LoopKey(req.batch, req.height, req.width, req.scheduler, req.steps, cfg, start)
+        # 2. loop state for this key; each request's latents and noise drawn from its own generator, as diffusers draws
+        start = 0 if first.init_image is None else img2img.start_index(first.steps, first.strength)
+        key = LoopKey(b, h, w, first.scheduler, first.steps, cfg, start)
         st = self._loop_state(key)
-        ehs = self._unet.inputs["encoder_hidden_states"]
-        if cfg:
-            ehs[:b].copy_(uncond.expand(b, -1, -1))
-            ehs[b:].copy_(cond.expand(b, -1, -1))
-        else:
-            ehs.copy_(cond.expand(b, -1, -1))
-        generator = torch.Generator("cpu").manual_seed(req.seed)
-        shape = (b, int(self.model["latent_channels"]), req.height // s, req.width // s)
-        if req.init_image is None:
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32) * st.tables.init_noise_sigma
-            st.x.copy_(latents)
-        else:
-            st.x.copy_(self._noised_image(req, st, start, shape, generator))
-        for i in range(start, st.noise.shape[0]):  # one draw per evaluation that runs, in order
-            st.noise[i].copy_(torch.randn(shape, generator=generator, dtype=torch.float32))
+        for req, r in parts:
+            generator = torch.Generator("cpu").manual_seed(req.seed)
+            shape = (req.batch, int(self.model["latent_channels"]), h // s, w // s)
+            if req.init_image is None:
+                st.x[r].copy_(torch.randn(shape, generator=generator, dtype=torch.float32) * st.tables.init_noise_sigma)
+            else:
+                st.x[r].copy_(self._noised_image(req, st, start, shape, generator))
+            for i in range(start, st.noise.shape[0]):  # one draw per evaluation that runs, in order
+                st.noise[i, r].copy_(torch.randn(shape, generator=generator, dtype=torch.float32))
         if st.history is not None:
             st.history.zero_()
-        st.guidance.fill_(req.guidance)
+        st.guidance.fill_(first.guidance)
 
         # 3. the denoising loop
         if st.graph is not None:
@@ -200,7 +229,7 @@ class Pipeline:
         self._decoder.inputs["latent"].copy_(st.x)
         self._decoder.run()
 
-        # 5. NaN/inf checks, once per request (one transfer), then the pixels
+        # 5. NaN/inf checks, once per batch (one transfer), then the pixels
         latents_ok, pixels_ok = torch.stack([torch.isfinite(st.x).all(), self._decoder.outputs["finite"].all()]).tolist()
         if not latents_ok:
             raise NonFiniteError("the denoising loop produced NaN/inf latents (UNet overflow); "
@@ -214,9 +243,17 @@ class Pipeline:
 
         from PIL import Image
 
-        images = [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
-        infotexts = [self.infotext(req, pos) for pos in range(b)]
-        return Result(images=images, timings=timings, request=req, backend=self.backend.name, infotexts=infotexts)
+        return [
+            Result(
+                images=[Image.fromarray(np.ascontiguousarray(p)) for p in pixels[r]],
+                timings=dict(timings),
+                request=req,
+                backend=self.backend.name,
+                infotexts=[self.infotext(req, pos) for pos in range(req.batch)],
+                batch_rows=b,
+            )
+            for req, r in parts
+        ]
 
     def infotext(self, req: GenerateRequest, batch_pos: int = 0) -> str:
         """A1111's ``parameters`` text, so other Stable Diffusion tools read the settings back."""

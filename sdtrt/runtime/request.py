@@ -69,3 +69,24 @@ def _image_size(image: Any) -> tuple[int, int]:
     if shape is None or len(shape) != 3 or shape[2] != 3:
         raise UsageError("init image must be a PIL image or an (H, W, 3) uint8 array")
     return int(shape[1]), int(shape[0])
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests batched together must share: everything but prompts, seeds and batch sizes."""
+
+    height: int
+    width: int
+    scheduler: str
+    steps: int
+    guidance: float
+    clip_skip: int
+    img2img: bool
+    strength: float
+
+
+def batch_key(req: GenerateRequest) -> BatchKey:
+    """The batch key of a *validated* request (see ``Pipeline.validate``)."""
+    img = req.init_image is not None
+    return BatchKey(req.height, req.width, req.scheduler, req.steps, req.guidance, req.clip_skip, img,
+                    req.strength if img else 0.0)

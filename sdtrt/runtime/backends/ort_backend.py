@@ -75,7 +75,9 @@ class OrtBackend:
                 opts.intra_op_num_threads = self._threads
             if self.device.type == "cuda":
                 stream = torch.cuda.current_stream(self.device).cuda_stream
-                providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0,
+                # a bare "cuda" device means the current one (torch.cuda.set_device, e.g. per Triton instance)
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                providers = [("CUDAExecutionProvider", {"device_id": index,
                                                         "user_compute_stream": str(stream)})]
             else:
                 providers = ["CPUExecutionProvider"]
