@@ -1,0 +1,195 @@
+"""AUTOMATIC1111's web UI API (``/sdapi/v1/txt2img``, ``/sdapi/v1/img2img``): request bodies and answers.
+
+Fields follow A1111's API so existing clients (``webuiapi``, scripts, front ends) work unchanged. Fields that only
+tune features sdtrt does not have (hires fix, face restoration, tiling, subseeds, scripts, inpainting masks) are
+accepted at their neutral values and refused otherwise, so a client never gets silently different images.
+Sampler knobs A1111 itself ignores for most samplers (``eta``, ``s_churn``, ...) are ignored.
+
+Seeds: ``-1`` picks a random seed. A request of ``batch_size`` N with seed S makes the N images that
+``sdtrt generate --seed S --batch N`` makes (one generator for the batch, as diffusers); iteration k of
+``n_iter`` uses seed S + k.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdtrt import __version__
+from sdtrt.errors import UsageError
+from sdtrt.runtime import schedulers
+from sdtrt.runtime.request import MAX_BATCH, MAX_STEPS, GenerateRequest
+from sdtrt.serve.images import decode_image, encode_png
+
+_A1111_BY_OURS = {ours: a1111 for a1111, ours in reversed(list(schedulers.A1111_SAMPLERS.items()))}
+_KARRAS = {"dpmpp_2m": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields; unknown ones change nothing here
+
+    prompt: str = Field("", max_length=20000)
+    negative_prompt: str = Field("", max_length=20000)
+    seed: int = Field(-1, ge=-1, lt=2**63)
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # deprecated alias of sampler_name
+    scheduler: str | None = None  # A1111 >= 1.9 "schedule type": Automatic or Karras
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    n_iter: int = Field(1, ge=1, le=MAX_BATCH)
+    steps: int = Field(20, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(7.0, ge=0, le=100)
+    width: int | None = Field(None, ge=8, le=2048)  # None: the checkpoint's native size
+    height: int | None = Field(None, ge=8, le=2048)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    # accepted at their neutral values only
+    restore_faces: bool | None = False
+    tiling: bool | None = False
+    subseed_strength: float = 0.0
+    styles: list[str] | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+
+class Txt2ImgRequest(_Common):
+    enable_hr: bool = False
+
+
+class Img2ImgRequest(_Common):
+    init_images: list[str] = Field(..., min_length=1, description="base64 images (raw or data: URLs)")
+    denoising_strength: float = Field(0.75, gt=0, le=1)
+    resize_mode: int = 0
+    mask: str | None = None
+
+
+class A1111Response(BaseModel):
+    images: list[str]  # base64 PNGs with a "parameters" text chunk
+    parameters: dict[str, Any]
+    info: str  # JSON text, as A1111 sends it
+
+
+def sampler_names() -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/samplers``."""
+    return [{"name": a1111, "aliases": [ours], "options": {}} for a1111, ours in schedulers.A1111_SAMPLERS.items()]
+
+
+def resolve_sampler(name: str | None, schedule: str | None) -> str | None:
+    """A1111 sampler name (or one of ours) plus schedule type -> our scheduler name; None: the checkpoint's own."""
+    ours = None
+    if name:
+        by_lower = {k.lower(): v for k, v in schedulers.A1111_SAMPLERS.items()}
+        ours = by_lower.get(name.lower()) or (name if name in schedulers.SCHEDULERS else None)
+        if ours is None:
+            raise UsageError(f"unknown sampler {name!r}; choose one of: {', '.join(schedulers.A1111_SAMPLERS)}")
+    sched = (schedule or "automatic").lower()
+    if sched == "automatic":
+        return ours
+    if sched == "karras":
+        if ours not in _KARRAS:
+            raise UsageError(f"schedule type 'Karras' is available with 'DPM++ 2M' only, not {name!r}")
+        return _KARRAS[ours]
+    raise UsageError(f"unknown schedule type {schedule!r}; choose Automatic or Karras")
+
+
+def _clip_skip(overrides: dict[str, Any], model_name: str) -> int:
+    clip_skip = 1
+    for key, value in overrides.items():
+        if key == "CLIP_stop_at_last_layers":
+            clip_skip = value
+        elif key == "sd_model_checkpoint":
+            if value not in (model_name, None, ""):
+                raise UsageError(f"this server serves {model_name!r}, not {value!r}")
+        else:
+            raise UsageError(f"override_settings: {key!r} is not supported "
+                             "(supported: CLIP_stop_at_last_layers, sd_model_checkpoint)")
+    return clip_skip
+
+
+def _check_neutral(body: _Common) -> None:
+    refused = {
+        "enable_hr": "hires fix is not supported",
+        "restore_faces": "face restoration is not supported",
+        "tiling": "tiling is not supported",
+        "script_name": "scripts are not supported",
+        "alwayson_scripts": "scripts are not supported",
+        "mask": "inpainting masks are not supported",
+        "styles": "styles are not supported",
+    }
+    for name, why in refused.items():
+        if getattr(body, name, None):
+            raise UsageError(f"{name}: {why}")
+    if body.subseed_strength:
+        raise UsageError("subseed_strength: variation seeds are not supported")
+    if isinstance(body, Img2ImgRequest):
+        if body.resize_mode != 0:
+            raise UsageError("resize_mode: only 0 (just resize) is supported")
+        if len(body.init_images) != 1:
+            raise UsageError(f"init_images: exactly one image is supported, got {len(body.init_images)}")
+
+
+def to_requests(body: _Common, model_name: str) -> list[GenerateRequest]:
+    """One ``GenerateRequest`` per iteration (``n_iter``); the edge checks, the pipeline validates the rest."""
+    _check_neutral(body)
+    if body.batch_size * body.n_iter > MAX_BATCH:
+        raise UsageError(f"batch_size x n_iter is {body.batch_size * body.n_iter}, over the limit of {MAX_BATCH}")
+    seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
+    init = None
+    strength = 0.75
+    if isinstance(body, Img2ImgRequest):
+        init = decode_image(body.init_images[0], "init_images[0]")
+        strength = body.denoising_strength
+    return [
+        GenerateRequest(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
+            scheduler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler), seed=seed + k,
+            batch=body.batch_size, height=body.height, width=body.width,
+            clip_skip=_clip_skip(body.override_settings, model_name), init_image=init, strength=strength,
+        )
+        for k in range(body.n_iter)
+    ]
+
+
+def to_response(body: _Common, results: list, model_name: str) -> A1111Response:
+    """Answer as A1111 does: base64 PNGs, the request echoed as ``parameters``, and ``info`` as JSON text."""
+    first = results[0].request
+    images, infotexts, seeds = [], [], []
+    for res in results:
+        for image, text in zip(res.images, res.infotexts, strict=True):
+            images.append(encode_png(image, text))
+            infotexts.append(text)
+            seeds.append(res.request.seed)
+    n = len(images)
+    info = {
+        "prompt": first.prompt,
+        "all_prompts": [first.prompt] * n,
+        "negative_prompt": first.negative_prompt,
+        "all_negative_prompts": [first.negative_prompt] * n,
+        "seed": first.seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * n,
+        "subseed_strength": 0,
+        "width": first.width,
+        "height": first.height,
+        "sampler_name": _A1111_BY_OURS.get(first.scheduler, first.scheduler),
+        "cfg_scale": first.guidance,
+        "steps": first.steps,
+        "batch_size": first.batch,
+        "restore_faces": False,
+        "sd_model_name": model_name,
+        "denoising_strength": first.strength if first.init_image is not None else None,
+        "clip_skip": first.clip_skip,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "is_using_inpainting_conditioning": False,
+        "version": f"sdtrt {__version__}",
+        "backend": results[0].backend,
+    }
+    params = body.model_dump(exclude={"init_images", "mask"})
+    return A1111Response(images=images, parameters=params, info=json.dumps(info))

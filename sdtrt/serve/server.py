@@ -1,0 +1,54 @@
+"""``sdtrt serve``: the app under uvicorn on one machine."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+from sdtrt.errors import UsageError
+from sdtrt.serve.app import ServeSpec, create_app
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a taken port fails in a second, not a minute."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"port must be between 0 and 65535, got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)  # connections queue from now on, while the model loads
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(workdir: str | Path, spec: ServeSpec, *, host: str = "127.0.0.1", port: int = 7860,
+               backend: str = "auto", announce=print, debug: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM; then finish every admitted request and exit."""
+    import uvicorn
+
+    from sdtrt.runtime.pipeline import Pipeline
+
+    if host not in LOOPBACK and spec.api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the GPU", host)
+    sock = bind(host, port)
+    pipeline = Pipeline.load(workdir, backend=backend)
+    app = create_app(pipeline, spec)
+    bound_port = sock.getsockname()[1]
+    announce(f"serving {workdir} ({pipeline.backend.name}) on http://{host}:{bound_port}: A1111 API /sdapi/v1, "
+             f"OpenAI API /v1/images/generations, docs /docs, metrics /metrics")
+    config = uvicorn.Config(app, log_level="info" if debug else "warning", timeout_graceful_shutdown=None,
+                            access_log=debug)
+    uvicorn.Server(config).run(sockets=[sock])
