@@ -1,0 +1,123 @@
+"""The same app as a Ray Serve deployment: one replica per GPU, autoscaled on ongoing requests.
+
+``sdtrt serve WORKDIR --ray`` runs it; or ``serve run sdtrt.serve.ray_app:build workdir=WORKDIR`` (Ray's own
+CLI; any ``ServeSpec`` field and ``backend``, ``min_replicas``, ``max_replicas`` as ``key=value``). Each replica
+loads the pipeline and runs its own batcher, so micro-batching happens per replica and Ray spreads requests over
+replicas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from sdtrt.errors import UsageError
+from sdtrt.serve.app import ServeSpec, create_app
+
+
+@dataclasses.dataclass(frozen=True)
+class RaySpec:
+    min_replicas: int = 1
+    max_replicas: int | None = None  # None: one per GPU in the cluster (1 without GPUs)
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float = 1.0
+
+
+def _deployment_class():
+    from ray import serve
+
+    @serve.ingress()
+    class SdtrtDeployment:
+        """One pipeline and its batcher per replica; the HTTP app is built after the model loads."""
+
+        def __init__(self, workdir: str, spec: ServeSpec, backend: str) -> None:
+            from sdtrt.runtime.pipeline import Pipeline
+
+            self.spec = spec
+            self.pipeline = Pipeline.load(workdir, backend=backend)
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.pipeline, self.spec)
+
+    return SdtrtDeployment
+
+
+def build_application(workdir: str | Path, spec: ServeSpec | None = None, ray_spec: RaySpec | None = None, *,
+                      backend: str = "auto"):
+    """A bound Ray Serve application (pass it to ``serve.run``). Needs a running Ray (``ray.init()``)."""
+    spec, ray_spec = spec or ServeSpec(), ray_spec or RaySpec()
+    import ray
+    from ray import serve
+
+    workdir = Path(workdir).resolve()
+    from sdtrt.export.manifest import read_manifest
+
+    read_manifest(workdir)  # a bad workdir fails here, not in every replica
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+    per_replica = ray_spec.gpus_per_replica if ray_spec.gpus_per_replica is not None else (1.0 if gpus else 0.0)
+    max_replicas = ray_spec.max_replicas or max(1, int(gpus // per_replica) if per_replica else 1)
+    if ray_spec.min_replicas < 0 or max_replicas < max(1, ray_spec.min_replicas):
+        raise UsageError(f"replicas: need 0 <= min ({ray_spec.min_replicas}) <= max ({max_replicas}) and max >= 1")
+    deployment = serve.deployment(_deployment_class()).options(
+        name="sdtrt",
+        autoscaling_config={
+            "min_replicas": ray_spec.min_replicas,
+            "initial_replicas": max(1, ray_spec.min_replicas),
+            "max_replicas": max_replicas,
+            # a replica is "busy enough" when it holds a full batch; beyond that, add a replica
+            "target_ongoing_requests": spec.max_batch,
+        },
+        max_ongoing_requests=spec.max_queue + spec.max_batch,
+        ray_actor_options={"num_gpus": per_replica, "num_cpus": ray_spec.cpus_per_replica},
+    )
+    return deployment.bind(str(workdir), spec, backend)
+
+
+_SPEC_CASTS = {"max_batch": int, "max_queue": int, "batch_window_ms": float, "timeout_s": float, "api_key": str,
+               "max_body_mb": float}
+_RAY_CASTS = {"min_replicas": int, "max_replicas": int, "gpus_per_replica": float, "cpus_per_replica": float}
+
+
+def build(args: dict[str, Any]):
+    """Application builder for ``serve run sdtrt.serve.ray_app:build workdir=... [max_batch=4 ...]``."""
+    args = dict(args)
+    if "workdir" not in args:
+        raise UsageError("pass workdir=PATH")
+    workdir, backend = args.pop("workdir"), args.pop("backend", "auto")
+    spec_kw, ray_kw = {}, {}
+    for key, value in args.items():
+        if key in _SPEC_CASTS:
+            spec_kw[key] = _SPEC_CASTS[key](value)
+        elif key in _RAY_CASTS:
+            ray_kw[key] = _RAY_CASTS[key](value)
+        else:
+            raise UsageError(f"unknown argument {key!r}; known: workdir, backend, {', '.join([*_SPEC_CASTS, *_RAY_CASTS])}")
+    return build_application(workdir, ServeSpec(**spec_kw), RaySpec(**ray_kw), backend=backend)
+
+
+def run_ray(workdir: str | Path, spec: ServeSpec, ray_spec: RaySpec, *, host: str, port: int, backend: str,
+            announce=print) -> None:
+    """``sdtrt serve --ray``: join the Ray cluster (RAY_ADDRESS) or start a local one, deploy, serve until a signal."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS: join that cluster; otherwise start a local one (never attach to a stray one by accident)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    app = build_application(workdir, spec, ray_spec, backend=backend)
+    serve.run(app, name="sdtrt", route_prefix="/")
+    announce(f"serving {workdir} on Ray Serve at http://{host}:{port} (A1111 API /sdapi/v1, OpenAI API /v1)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    announce("draining: finishing admitted requests")
+    serve.delete("sdtrt")  # replicas finish their in-flight requests (Ray's graceful shutdown)
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,44 @@
+"""`sdtrt serve --ray` as users run it: a subprocess that starts its own local Ray, deploys, answers, and stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+pytest.importorskip("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_ray_cli_answers_then_stops_on_sigterm(sd1_workdir_fp32):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "serve", str(sd1_workdir_fp32), "--ray", "--port", str(port),
+                             "--backend", "onnxruntime", "--max-replicas", "1"], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 180
+        while not any("serving" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stderr.readline())
+        body = {"prompt": "x", "seed": 1, "steps": 2, "width": 64, "height": 64}
+        r = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        proc.kill()
+        proc.wait()
