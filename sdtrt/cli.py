@@ -146,6 +146,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.75,
                    help="img2img: how much of the schedule to run over the image, in (0, 1]")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), metavar="PNG")
+
+    p = sub.add_parser("serve", help="serve WORKDIR over HTTP: A1111 and OpenAI image APIs")
+    _common(p)
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--max-batch", type=int, default=4, help="images per GPU pass (micro-batching)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 429 + Retry-After")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long an idle worker waits to fill a batch")
+    p.add_argument("--timeout", type=float, default=600.0, help="per request, queue included (then 504)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (then 413)")
+    p.add_argument("--api-key", default=os.environ.get("SDTRT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $SDTRT_API_KEY; none: no auth)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (RAY_ADDRESS: join that cluster)")
+    p.add_argument("--min-replicas", type=int, default=1, help="--ray: replicas kept up")
+    p.add_argument("--max-replicas", type=int, default=None, help="--ray: autoscaling limit (default: one per GPU)")
+
+    p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository for WORKDIR")
+    _common(p)
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("--model-name", default="sdtrt")
+    p.add_argument("--max-batch", type=int, default=4, help="Triton's max_batch_size (dynamic batching)")
+    p.add_argument("--queue-delay-us", type=int, default=10000, help="dynamic batching: max queue delay")
+    p.add_argument("--instances-per-gpu", type=int, default=1)
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all)")
+    p.add_argument("--cpu", action="store_true", help="CPU instances (testing without a GPU)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="sdtrt backend inside Triton")
+    p.add_argument("--execution-env", default=None, metavar="TAR_GZ",
+                   help="conda-pack'd Python environment with sdtrt, for Triton's Python backend")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model of that name in REPO")
     return parser
 
 
@@ -309,7 +341,49 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from sdtrt.serve.app import ServeSpec
+
+    spec = ServeSpec(max_batch=args.max_batch, max_queue=args.max_queue, batch_window_ms=args.batch_window_ms,
+                     timeout_s=args.timeout, api_key=args.api_key, max_body_mb=args.max_body_mb)
+    spec.batcher_spec()  # checks the batching flags before the model loads
+
+    def announce(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    if args.ray:
+        from sdtrt.serve.ray_app import RaySpec, run_ray
+
+        run_ray(args.workdir, spec, RaySpec(min_replicas=args.min_replicas, max_replicas=args.max_replicas),
+                host=args.host, port=args.port, backend=args.backend, announce=announce)
+    else:
+        from sdtrt.serve.server import run_server
+
+        run_server(args.workdir, spec, host=args.host, port=args.port, backend=args.backend, announce=announce,
+                   debug=args.debug)
+
+
+def _cmd_export_triton(args: argparse.Namespace) -> None:
+    from sdtrt.serve.triton import TritonSpec, export_triton
+
+    gpus = None
+    if args.gpus is not None:
+        try:
+            gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
+        except ValueError:
+            raise UsageError(f"--gpus must be comma-separated integers, got {args.gpus!r}") from None
+    spec = TritonSpec(model_name=args.model_name, max_batch_size=args.max_batch, max_queue_delay_us=args.queue_delay_us,
+                      instances_per_gpu=args.instances_per_gpu, gpus=gpus, backend=args.backend, cpu=args.cpu,
+                      execution_env=args.execution_env)
+    model_dir = export_triton(args.workdir, args.repo, spec, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote {model_dir}; start it with: tritonserver --model-repository {args.repo}")
+
+
 COMMANDS = {
+    "serve": _cmd_serve,
+    "export-triton": _cmd_export_triton,
     "bench": _cmd_bench,
     "init-random": _cmd_init_random,
     "export": _cmd_export,
