@@ -107,6 +107,9 @@ def error_response(request: Request, e: Exception) -> JSONResponse:
     elif isinstance(e, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     kind = "RequestValidationError" if isinstance(e, RequestValidationError) else type(e).__name__
+    metrics = getattr(request.app.state, "metrics", None) if "app" in request.scope else None
+    if metrics is not None:
+        metrics.errors.labels(kind=kind).inc()
     if request.url.path.startswith("/v1/"):
         # OpenAI: 400 for invalid requests (its clients map status codes to exception classes)
         if status == 422:
@@ -228,7 +231,6 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
         except asyncio.TimeoutError:
             for f in futures:
                 f.cancel()  # a job not started yet is skipped by the worker
-            metrics.errors.labels(kind="RequestTimeout").inc()
             raise RequestTimeout(f"the request did not finish within {spec.timeout_s:g} s") from None
 
     # -- health and metrics (no key: load balancers and scrapers) ---------------------------------------------------

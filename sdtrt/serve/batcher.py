@@ -160,7 +160,6 @@ class Batcher:
         except Exception as e:  # the worker never dies: every job of the pass gets the error
             if not isinstance(e, SdtrtError):
                 log.exception("generation failed")
-            m.errors.labels(kind=type(e).__name__).inc()
             for job in batch:
                 job.future.set_exception(e)
             return

@@ -25,7 +25,8 @@ class Metrics:
         self.generate_seconds = Histogram("sdtrt_generate_seconds", "Duration of one pipeline pass",
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("sdtrt_rejected", "Requests refused because the queue was full (429)", registry=r)
-        self.errors = Counter("sdtrt_errors", "Failed requests by error kind", ["kind"], registry=r)
+        self.errors = Counter("sdtrt_errors", "Error answers by error kind (validation, queue full, timeout, "
+                              "generation failure, ...)", ["kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

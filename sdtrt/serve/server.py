@@ -52,3 +52,37 @@ def run_server(workdir: str | Path, spec: ServeSpec, *, host: str = "127.0.0.1",
     config = uvicorn.Config(app, log_level="info" if debug else "warning", timeout_graceful_shutdown=None,
                             access_log=debug)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+class ThreadedServer:
+    """The app under uvicorn in a background thread on a free loopback port (tests, benchmarks):
+    ``with ThreadedServer(app) as s: requests.get(s.url + "/health")``."""
+
+    def __init__(self, app, host: str = "127.0.0.1") -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        sock = bind(host, 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server thread did not start")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        """Graceful: admitted requests finish first."""
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    def __enter__(self) -> ThreadedServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -19,7 +19,6 @@ import numpy as np
 import openai
 import pytest
 import requests
-import uvicorn
 import webuiapi
 from PIL import Image
 
@@ -27,30 +26,14 @@ from sdtrt import cli
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.request import GenerateRequest
 from sdtrt.serve.app import ServeSpec, create_app
-from sdtrt.serve.server import bind
+from sdtrt.serve.server import ThreadedServer
 
 BACKEND = "onnxruntime"
 
 
-class LiveServer:
-    """uvicorn serving ``app`` on a free loopback port, in a thread."""
-
-    def __init__(self, app) -> None:
-        sock = bind("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-
+class LiveServer(ThreadedServer):
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().close()
         assert not self.thread.is_alive()
 
 
@@ -306,6 +289,7 @@ def test_64_concurrent_requests_through_max_queue_16_each_answered_or_refused(sd
         metrics = requests.get(f"{s.url}/metrics", timeout=10).text
         assert f"sdtrt_rejected_total {float(len(refused))}" in metrics
         assert f'sdtrt_requests_total{{api="a1111",code="429"}} {float(len(refused))}' in metrics
+        assert f'sdtrt_errors_total{{kind="QueueFull"}} {float(len(refused))}' in metrics
     finally:
         gated.gate.set()
         s.close()
@@ -390,6 +374,7 @@ def test_generation_failure_is_a_500_with_the_reason(sd1_workdir_fp32):
         assert r.status_code == 500
         assert r.json() == {"error": "NonFiniteError",
                             "detail": "generation failed: the VAE decoder produced NaN/inf pixels (fp16 overflow)"}
+        assert 'sdtrt_errors_total{kind="NonFiniteError"} 1.0' in requests.get(f"{s.url}/metrics", timeout=10).text
         # the server goes on
         assert requests.get(f"{s.url}/health", timeout=10).status_code == 200
     finally:
