@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.errors import SdtrtError, ShapeError, UsageError
 from sdtrt.export.manifest import read_manifest
 from sdtrt.runtime import img2img, schedulers
 from sdtrt.runtime.backends import Backend, load_backend
@@ -38,11 +38,11 @@ from sdtrt.runtime.schedulers.tables import at
 log = logging.getLogger(__name__)
 
 TEXT_CACHE_SIZE = 64
+LOOP_CACHE_SIZE = 8  # loop states (static buffers + CUDA graph) kept; the least recently used beyond are freed
 COMPONENTS_NEEDED = ("text_encoder", "unet", "vae_decoder")
 
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(schedulers.SCHEDULERS)
-_A1111_NAME = {ours: a1111 for a1111, ours in reversed(list(schedulers.A1111_SAMPLERS.items()))}
 
 
 class NonFiniteError(SdtrtError):
@@ -70,6 +70,7 @@ class _LoopState:
     history: torch.Tensor | None
     guidance: torch.Tensor  # () float32
     graph: LoopGraph | None = None
+    capture_failed: bool = False  # out of memory at capture: this key stays eager
 
 
 class Pipeline:
@@ -91,8 +92,13 @@ class Pipeline:
             self._decoder = backend.runner("vae_decoder")
         self._encoder = None  # img2img only: made on first use
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._loops: dict[LoopKey, _LoopState] = {}
+        self._loops: OrderedDict[LoopKey, _LoopState] = OrderedDict()  # LRU, at most LOOP_CACHE_SIZE
         self.use_cuda_graph = backend.capturable and self.device.type == "cuda"
+
+    @property
+    def model_name(self) -> str:
+        """What the checkpoint is called in infotexts and APIs: its architecture, or its file or folder name."""
+        return str(self.manifest["source"].get("arch") or Path(self.manifest["source"]["path"]).name)
 
     @classmethod
     def load(cls, workdir: str | Path, backend: str = "auto") -> Pipeline:
@@ -141,16 +147,45 @@ class Pipeline:
             img2img.start_index(req.steps, req.strength)
             if "vae_encoder" not in self.manifest["components"]:
                 raise UsageError(f"{self.workdir}: img2img needs the vae_encoder graph; export it")
+        self.check_rows(req, req.batch)
         return req
 
-    def generate(self, request: GenerateRequest) -> Result:
-        return self.generate_batch([request])[0]
+    def check_rows(self, request: GenerateRequest, rows: int) -> None:
+        """``ShapeError`` if the backend cannot run a pass of ``rows`` images with ``request``'s settings (an
+        engine's profile); allocates nothing. ``request`` is validated."""
+        unet, decoder = self._dims(rows, request.height, request.width, request.guidance > 1.0)
+        self._unet.check(unet)
+        self._decoder.check(decoder)
 
-    def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[Result]:
+    def max_rows(self, request: GenerateRequest, limit: int) -> int:
+        """The most images (at most ``limit``, at least ``request.batch``) one pass with ``request``'s settings may
+        hold on this backend: what a micro-batch of it may grow to."""
+        for rows in range(min(limit, MAX_BATCH), request.batch, -1):
+            try:
+                self.check_rows(request, rows)
+                return rows
+            except ShapeError:
+                continue
+        return request.batch
+
+    def _dims(self, b: int, h: int, w: int, cfg: bool) -> tuple[dict[str, int], dict[str, int]]:
+        """Axis sizes of the UNet and the decoder for a pass of ``b`` images of ``h`` x ``w``."""
+        s = int(self.model["vae_scale_factor"])
+        return ({"2B": b * (2 if cfg else 1), "H": h // s, "W": w // s},
+                {"B": b, "H": h // s, "W": w // s, f"{s}H": h, f"{s}W": w})
+
+    def generate(self, request: GenerateRequest) -> Result:
+        result = self.generate_batch([request])[0]
+        if isinstance(result, SdtrtError):
+            raise result
+        return result
+
+    def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[Result | NonFiniteError]:
         """Several requests in one pass (micro-batching): their rows are stacked along the batch axis and run as one
         batch. Each request keeps its own prompt, negative prompt, seed and batch size, and its latents and step
         noise come from its own generator, so it gets the images it would get alone (up to float rounding of the
-        larger batch). The requests must share a ``batch_key``."""
+        larger batch). The requests must share a ``batch_key``. Per request: its ``Result``, or the
+        ``NonFiniteError`` of a request whose own rows overflowed (the others are unaffected)."""
         if not requests:
             return []
         reqs = [self.validate(r) for r in requests]
@@ -169,7 +204,7 @@ class Pipeline:
         # default stream, which synchronises with every other stream.
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    def _generate(self, reqs: list[GenerateRequest]) -> list[Result]:
+    def _generate(self, reqs: list[GenerateRequest]) -> list[Result | NonFiniteError]:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -180,8 +215,9 @@ class Pipeline:
         parts = [(req, slice(end - req.batch, end)) for req, end in zip(reqs, ends, strict=True)]  # rows per request
         h, w = first.height, first.width
         # 0. shapes first: a backend that cannot run them (an engine's profile) refuses before any work
-        self._unet.activate({"2B": b * (2 if cfg else 1), "H": h // s, "W": w // s})
-        self._decoder.activate({"B": b, "H": h // s, "W": w // s, f"{s}H": h, f"{s}W": w})
+        unet_dims, decoder_dims = self._dims(b, h, w, cfg)
+        self._unet.activate(unet_dims)
+        self._decoder.activate(decoder_dims)
 
         # 1. text embeddings into the UNet's input: [uncond; cond], (2B or B, 77, C)
         ehs = self._unet.inputs["encoder_hidden_states"]
@@ -219,7 +255,7 @@ class Pipeline:
             st.graph.replay()
         else:
             self._run_loop(st)
-            if self.use_cuda_graph:
+            if self.use_cuda_graph and not st.capture_failed:
                 st.graph = self._capture(st)
         sync()
         t2 = time.perf_counter()
@@ -229,13 +265,8 @@ class Pipeline:
         self._decoder.inputs["latent"].copy_(st.x)
         self._decoder.run()
 
-        # 5. NaN/inf checks, once per batch (one transfer), then the pixels
-        latents_ok, pixels_ok = torch.stack([torch.isfinite(st.x).all(), self._decoder.outputs["finite"].all()]).tolist()
-        if not latents_ok:
-            raise NonFiniteError("the denoising loop produced NaN/inf latents (UNet overflow); "
-                                 "re-export with --precision fp32 or lower the guidance")
-        if not pixels_ok:
-            raise NonFiniteError("the VAE decoder produced NaN/inf pixels (fp16 overflow); re-export with --vae-precision fp32")
+        # 5. NaN/inf checks per image (one transfer), then the pixels
+        finite = torch.stack([torch.isfinite(st.x).flatten(1).all(1), self._decoder.outputs["finite"]]).cpu()  # (2, B)
         pixels = self._decoder.outputs["image"].cpu().numpy()
         t3 = time.perf_counter()
         timings["vae_decoder"] = t3 - t2
@@ -243,27 +274,34 @@ class Pipeline:
 
         from PIL import Image
 
-        return [
-            Result(
-                images=[Image.fromarray(np.ascontiguousarray(p)) for p in pixels[r]],
-                timings=dict(timings),
-                request=req,
-                backend=self.backend.name,
-                infotexts=[self.infotext(req, pos) for pos in range(req.batch)],
-                batch_rows=b,
-            )
-            for req, r in parts
-        ]
+        results: list[Result | NonFiniteError] = []
+        for req, r in parts:
+            if not finite[0, r].all():
+                results.append(NonFiniteError("the denoising loop produced NaN/inf latents (UNet overflow); "
+                                              "re-export with --precision fp32 or lower the guidance"))
+            elif not finite[1, r].all():
+                results.append(NonFiniteError("the VAE decoder produced NaN/inf pixels (fp16 overflow); "
+                                              "re-export with --vae-precision fp32"))
+            else:
+                results.append(Result(
+                    images=[Image.fromarray(np.ascontiguousarray(p)) for p in pixels[r]],
+                    timings=dict(timings),
+                    request=req,
+                    backend=self.backend.name,
+                    infotexts=[self.infotext(req, pos) for pos in range(req.batch)],
+                    batch_rows=b,
+                ))
+        return results
 
     def infotext(self, req: GenerateRequest, batch_pos: int = 0) -> str:
         """A1111's ``parameters`` text, so other Stable Diffusion tools read the settings back."""
         parts = [
             f"Steps: {req.steps}",
-            f"Sampler: {_A1111_NAME.get(req.scheduler, req.scheduler)}",
+            f"Sampler: {schedulers.A1111_NAME_OF.get(req.scheduler, req.scheduler)}",
             f"CFG scale: {req.guidance:g}",
             f"Seed: {req.seed}",
             f"Size: {req.width}x{req.height}",
-            f"Model: {self.manifest['source'].get('arch') or Path(self.manifest['source']['path']).name}",
+            f"Model: {self.model_name}",
         ]
         if req.clip_skip != 1:
             parts.append(f"Clip skip: {req.clip_skip}")
@@ -324,6 +362,7 @@ class Pipeline:
     def _loop_state(self, key: LoopKey) -> _LoopState:
         st = self._loops.get(key)
         if st is not None:
+            self._loops.move_to_end(key)
             return st
         sched = schedulers.get_scheduler(key.scheduler)
         tables = sched.make_tables(self.scheduler_config, key.steps).to(self.device, torch.float32)
@@ -334,7 +373,19 @@ class Pipeline:
         history = schedulers.new_history(tables, x)
         st = _LoopState(key, tables, x, noise, history, torch.zeros((), dtype=torch.float32, device=self.device))
         self._loops[key] = st
+        while len(self._loops) > LOOP_CACHE_SIZE:  # a server sees many shapes: keep memory bounded
+            self._evict(self._loops.popitem(last=False)[0])
         return st
+
+    def _evict(self, key: LoopKey) -> None:
+        """Free an evicted loop's runner buffers unless a kept loop shares their shape (its graph reads them)."""
+        unet, decoder = self._dims(key.batch, key.height, key.width, key.cfg)
+        kept = [self._dims(k.batch, k.height, k.width, k.cfg) for k in self._loops]
+        if all(u != unet for u, _ in kept):
+            self._unet.release(unet)
+        if all(d != decoder for _, d in kept):
+            self._decoder.release(decoder)
+        log.debug("freed the loop state of %s", key)
 
     def _run_loop(self, st: _LoopState) -> None:
         """All evaluations of one request over static buffers. Python decisions here depend only on the key."""
@@ -369,6 +420,10 @@ class Pipeline:
             buffers.append(st.history)
         try:
             return LoopGraph(st.key, lambda: self._run_loop(st), buffers)
+        except torch.cuda.OutOfMemoryError:  # this key stays eager; smaller ones still get graphs
+            log.warning("out of GPU memory capturing the loop for %s; running it eagerly", st.key)
+            st.capture_failed = True
+            return None
         except RuntimeError as e:  # explicit fallback: this backend's kernels could not be captured
             log.warning("CUDA graph capture failed for %s (%s); running the loop eagerly", st.key, e)
             self.use_cuda_graph = False

@@ -33,9 +33,15 @@ class Runner(Protocol):
     inputs: dict[str, torch.Tensor]  # static input buffers of the active shape
     outputs: dict[str, torch.Tensor]  # static output buffers of the active shape: valid until the next run()
 
+    def check(self, dims: Mapping[str, int]) -> None:
+        """Raise ``ShapeError`` if this runner cannot run shape ``dims`` (an engine's profile); allocates nothing."""
+
     def activate(self, dims: Mapping[str, int]) -> None: ...
 
     def run(self) -> None: ...
+
+    def release(self, dims: Mapping[str, int]) -> None:
+        """Free the buffers kept for shape ``dims`` (nothing captured may still use them)."""
 
     def deactivate(self) -> None: ...
 
@@ -107,6 +113,15 @@ class BufferedRunner:
 
     def _bind(self) -> None:
         pass
+
+    def check(self, dims: Mapping[str, int]) -> None:
+        """Graph backends run any shape their dynamic axes allow; engines override this with their profile."""
+
+    def release(self, dims: Mapping[str, int]) -> None:
+        dims = dict(dims)
+        self._by_shape.pop(tuple(sorted(dims.items())), None)
+        if dims == self._dims:
+            self.inputs, self.outputs, self._dims = {}, {}, None
 
     def deactivate(self) -> None:
         self.inputs, self.outputs, self._dims = {}, {}, None

@@ -64,6 +64,9 @@ class TensorRTRunner(BufferedRunner):
         self._hint = hint
         self._enqueued = False  # since the last (re)binding
 
+    def check(self, dims: Mapping[str, int]) -> None:
+        check_shape(self._profile, dims, self._hint)
+
     def activate(self, dims: Mapping[str, int]) -> None:
         if dict(dims) == self._dims:
             return
@@ -111,11 +114,17 @@ class MissingEngineRunner:
         self.outputs: dict[str, torch.Tensor] = {}
         self._message = message
 
+    def check(self, dims: Mapping[str, int]) -> None:
+        raise EngineError(self._message)
+
     def activate(self, dims: Mapping[str, int]) -> None:
         raise EngineError(self._message)
 
     def run(self) -> None:
         raise EngineError(self._message)
+
+    def release(self, dims: Mapping[str, int]) -> None:
+        pass
 
     def deactivate(self) -> None:
         pass

@@ -30,6 +30,7 @@ from . import ddim, dpmpp_2m, euler, euler_ancestral, lcm, lms, pndm, unipc
 from .tables import Tables, at, new_history
 
 __all__ = [
+    "A1111_NAME_OF",
     "A1111_SAMPLERS",
     "DIFFUSERS_CLASSES",
     "SCHEDULERS",
@@ -110,6 +111,10 @@ A1111_SAMPLERS: Mapping[str, str] = MappingProxyType(
         "LCM": "lcm",
     }
 )
+
+
+# ours -> A1111's name (the first A1111 name listed for it)
+A1111_NAME_OF: Mapping[str, str] = MappingProxyType({ours: a1111 for a1111, ours in reversed(list(A1111_SAMPLERS.items()))})
 
 
 def get_scheduler(name: str) -> Scheduler:
