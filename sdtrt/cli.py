@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long an idle worker waits to fill a batch")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, queue included (then 504)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (then 413)")
+    p.add_argument("--max-steps", type=int, default=150, help="steps per request (more: 422)")
+    p.add_argument("--max-connections", type=int, default=256, help="open HTTP connections (more: 503)")
     p.add_argument("--api-key", default=os.environ.get("SDTRT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $SDTRT_API_KEY; none: no auth)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (RAY_ADDRESS: join that cluster)")
@@ -345,8 +347,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from sdtrt.serve.app import ServeSpec
 
     spec = ServeSpec(max_batch=args.max_batch, max_queue=args.max_queue, batch_window_ms=args.batch_window_ms,
-                     timeout_s=args.timeout, api_key=args.api_key, max_body_mb=args.max_body_mb)
-    spec.batcher_spec()  # checks the batching flags before the model loads
+                     timeout_s=args.timeout, api_key=args.api_key, max_body_mb=args.max_body_mb,
+                     max_steps=args.max_steps, max_connections=args.max_connections)  # checked before the model loads
 
     def announce(msg: str) -> None:
         if not args.quiet:

@@ -25,15 +25,14 @@ from sdtrt.runtime import schedulers
 from sdtrt.runtime.request import MAX_BATCH, MAX_STEPS, GenerateRequest
 from sdtrt.serve.images import decode_image, encode_png
 
-_A1111_BY_OURS = {ours: a1111 for a1111, ours in reversed(list(schedulers.A1111_SAMPLERS.items()))}
 _KARRAS = {"dpmpp_2m": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields; unknown ones change nothing here
 
-    prompt: str = Field("", max_length=20000)
-    negative_prompt: str = Field("", max_length=20000)
+    prompt: str | None = Field("", max_length=20000)  # null: "" (A1111 accepts it)
+    negative_prompt: str | None = Field("", max_length=20000)
     seed: int = Field(-1, ge=-1, lt=2**63)
     sampler_name: str | None = None
     sampler_index: str | None = None  # deprecated alias of sampler_name
@@ -98,6 +97,8 @@ def _clip_skip(overrides: dict[str, Any], model_name: str) -> int:
     clip_skip = 1
     for key, value in overrides.items():
         if key == "CLIP_stop_at_last_layers":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"override_settings: CLIP_stop_at_last_layers must be 1 or 2, got {value!r}")
             clip_skip = value
         elif key == "sd_model_checkpoint":
             if value not in (model_name, None, ""):
@@ -143,7 +144,7 @@ def to_requests(body: _Common, model_name: str) -> list[GenerateRequest]:
         strength = body.denoising_strength
     return [
         GenerateRequest(
-            prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
+            prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", steps=body.steps, guidance=body.cfg_scale,
             scheduler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler), seed=seed + k,
             batch=body.batch_size, height=body.height, width=body.width,
             clip_skip=_clip_skip(body.override_settings, model_name), init_image=init, strength=strength,
@@ -174,7 +175,7 @@ def to_response(body: _Common, results: list, model_name: str) -> A1111Response:
         "subseed_strength": 0,
         "width": first.width,
         "height": first.height,
-        "sampler_name": _A1111_BY_OURS.get(first.scheduler, first.scheduler),
+        "sampler_name": schedulers.A1111_NAME_OF.get(first.scheduler, first.scheduler),
         "cfg_scale": first.guidance,
         "steps": first.steps,
         "batch_size": first.batch,

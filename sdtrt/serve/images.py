@@ -19,6 +19,7 @@ def decode_image(data: str, what: str):
         raise UsageError(f"{what}: expected a base64-encoded image")
     if data.startswith("data:"):
         data = data.partition(",")[2]
+    data = "".join(data.split())  # MIME-style line breaks
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

@@ -39,7 +39,12 @@ def _deployment_class():
             self.pipeline = Pipeline.load(workdir, backend=backend)
 
         def __serve_build_asgi_app__(self):
-            return create_app(self.pipeline, self.spec)
+            self.sdtrt_app = create_app(self.pipeline, self.spec)  # ("app" is Ray's own attribute)
+            return self.sdtrt_app
+
+        def check_health(self) -> None:  # Ray Serve restarts a replica whose worker died
+            if not self.sdtrt_app.state.batcher.alive:
+                raise RuntimeError("the sdtrt batcher's worker is not running")
 
     return SdtrtDeployment
 
@@ -69,7 +74,13 @@ def build_application(workdir: str | Path, spec: ServeSpec | None = None, ray_sp
             # a replica is "busy enough" when it holds a full batch; beyond that, add a replica
             "target_ongoing_requests": spec.max_batch,
         },
+        # a replica holds what its batcher can (a pass + its queue); beyond that, requests wait at Ray's proxy, up
+        # to max_queue of them, and the rest are refused there with 429 + Retry-After, as on one machine
         max_ongoing_requests=spec.max_queue + spec.max_batch,
+        max_queued_requests=spec.max_queue,
+        backpressure_config={"status_code": 429, "retry_after_s": 5},
+        # scale-down and shutdown wait for admitted requests, as long as one may take
+        graceful_shutdown_timeout_s=spec.timeout_s + 30,
         ray_actor_options={"num_gpus": per_replica, "num_cpus": ray_spec.cpus_per_replica},
     )
     return deployment.bind(str(workdir), spec, backend)
@@ -98,26 +109,41 @@ def build(args: dict[str, Any]):
 
 
 def run_ray(workdir: str | Path, spec: ServeSpec, ray_spec: RaySpec, *, host: str, port: int, backend: str,
-            announce=print) -> None:
+            announce=None) -> None:
     """``sdtrt serve --ray``: join the Ray cluster (RAY_ADDRESS) or start a local one, deploy, serve until a signal."""
+    import logging
     import signal
     import threading
 
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS: join that cluster; otherwise start a local one (never attach to a stray one by accident)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    app = build_application(workdir, spec, ray_spec, backend=backend)
-    serve.run(app, name="sdtrt", route_prefix="/")
-    announce(f"serving {workdir} on Ray Serve at http://{host}:{port} (A1111 API /sdapi/v1, OpenAI API /v1)")
+    announce = announce or logging.getLogger(__name__).info
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    announce("draining: finishing admitted requests")
-    serve.delete("sdtrt")  # replicas finish their in-flight requests (Ray's graceful shutdown)
-    serve.shutdown()
-    ray.shutdown()
+
+    def on_signal(*_) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before anything starts, so a signal never leaves Ray behind
+        signal.signal(sig, on_signal)
+    if host not in ("127.0.0.1", "::1", "localhost") and spec.api_key is None:
+        logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who can reach it can use the GPUs",
+                                            host)
+    started = not ray.is_initialized()
+    if started:
+        # RAY_ADDRESS: join that cluster; otherwise start a local one (never attach to a stray one by accident)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)  # replica logs shown
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ray's core installs its own (log and abort): ours again
+            signal.signal(sig, on_signal)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        if not stop.is_set():
+            serve.run(build_application(workdir, spec, ray_spec, backend=backend), name="sdtrt", route_prefix="/")
+            announce(f"serving {workdir} on Ray Serve at http://{host}:{port} (A1111 API /sdapi/v1, OpenAI API /v1)")
+            stop.wait()
+            announce("draining: finishing admitted requests")
+        serve.delete("sdtrt")  # replicas finish their admitted requests (graceful_shutdown_timeout_s)
+        serve.shutdown()
+    finally:
+        if started:
+            ray.shutdown()

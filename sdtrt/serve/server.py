@@ -6,7 +6,7 @@ import logging
 import socket
 from pathlib import Path
 
-from sdtrt.errors import UsageError
+from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.serve.app import ServeSpec, create_app
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run_server(workdir: str | Path, spec: ServeSpec, *, host: str = "127.0.0.1", port: int = 7860,
-               backend: str = "auto", announce=print, debug: bool = False) -> None:
+               backend: str = "auto", announce=None, debug: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; then finish every admitted request and exit."""
     import uvicorn
 
@@ -47,10 +47,10 @@ def run_server(workdir: str | Path, spec: ServeSpec, *, host: str = "127.0.0.1",
     pipeline = Pipeline.load(workdir, backend=backend)
     app = create_app(pipeline, spec)
     bound_port = sock.getsockname()[1]
-    announce(f"serving {workdir} ({pipeline.backend.name}) on http://{host}:{bound_port}: A1111 API /sdapi/v1, "
+    (announce or log.info)(f"serving {workdir} ({pipeline.backend.name}) on http://{host}:{bound_port}: A1111 API /sdapi/v1, "
              f"OpenAI API /v1/images/generations, docs /docs, metrics /metrics")
     config = uvicorn.Config(app, log_level="info" if debug else "warning", timeout_graceful_shutdown=None,
-                            access_log=debug)
+                            access_log=debug, limit_concurrency=spec.max_connections)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -73,7 +73,7 @@ class ThreadedServer:
         deadline = time.monotonic() + 60
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server thread did not start")
+                raise SdtrtError("the server thread did not start")
             time.sleep(0.01)
 
     def close(self) -> None:

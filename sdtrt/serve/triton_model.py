@@ -148,8 +148,9 @@ class TritonPythonModel:
 
         images: dict[tuple[int, int], np.ndarray] = {}
         for group in groups.values():
-            for start in range(0, len(group), self.max_batch):
-                chunk = [row for row in group[start : start + self.max_batch] if row[0] not in errors]
+            limit = self.pipeline.max_rows(group[0][2], self.max_batch)  # what the engines take at this size
+            for start in range(0, len(group), limit):
+                chunk = [row for row in group[start : start + limit] if row[0] not in errors]
                 if not chunk:
                     continue
                 try:
@@ -161,7 +162,10 @@ class TritonPythonModel:
                         errors.setdefault(i, _message(e))
                     continue
                 for (i, j, _), res in zip(chunk, results, strict=True):
-                    images[i, j] = np.asarray(res.images[0], dtype=np.uint8)  # (H, W, 3)
+                    if isinstance(res, BaseException):  # this row's own failure (e.g. an fp16 overflow)
+                        errors.setdefault(i, _message(res))
+                    else:
+                        images[i, j] = np.asarray(res.images[0], dtype=np.uint8)  # (H, W, 3)
 
         responses = []
         for i in range(len(requests)):

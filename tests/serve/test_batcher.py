@@ -75,15 +75,81 @@ def test_incompatible_jobs_run_in_separate_passes_oldest_first(runner):
     assert runner.passes[1:] == [[1, 3], [2], [4]]
 
 
-def test_batch_sizes_count_images_and_a_large_job_runs_alone(runner):
+def test_batch_sizes_count_images(runner):
     b = make(runner, max_batch=4, max_queue=16)
     hold_first_pass(b, runner)
-    futures = b.submit([req(seed=1, batch=3), req(seed=2, batch=2), req(seed=3, batch=1), req(seed=4, batch=6)])
+    futures = b.submit([req(seed=1, batch=3), req(seed=2, batch=2), req(seed=3, batch=1), req(seed=4, batch=2)])
     runner.gate.set()
     for f in futures:
         f.result(10)
     b.close(10)
-    assert runner.passes[1:] == [[1, 3], [2], [4]]
+    assert runner.passes[1:] == [[1, 3], [2, 4]]
+
+
+def test_requests_that_could_never_run_are_usage_errors_not_429(runner):
+    b = make(runner, max_batch=4, max_queue=3)
+    with pytest.raises(UsageError, match=r"a request of 6 images is over this server's limit of 4 per pass \(--max-batch\)"):
+        b.submit([req(batch=6)])
+    with pytest.raises(UsageError, match=r"this request needs 4 queue slots; the server has 3 \(--max-queue\)"):
+        b.submit([req(seed=s) for s in range(4)])
+    assert b.depth == 0
+    b.close(10)
+
+
+def test_capacity_caps_a_pass_below_max_batch(runner):
+    seen = []
+
+    def capacity(request, limit):  # like an engine built for 2 images at this size
+        seen.append(limit)
+        return 2
+
+    b = Batcher(runner, BatcherSpec(max_batch=4, max_queue=16, window_s=0.0), Metrics(), capacity=capacity)
+    hold_first_pass(b, runner)
+    futures = b.submit([req(seed=s) for s in range(5)])
+    runner.gate.set()
+    for f in futures:
+        f.result(10)
+    b.close(10)
+    assert runner.passes[1:] == [[0, 1], [2, 3], [4]] and set(seen) == {4}
+
+
+def test_per_request_errors_fail_only_their_request():
+    def run(requests):
+        return [SdtrtError(f"NaN in {r.seed}") if r.seed == 2 else f"image-{r.seed}" for r in requests]
+
+    b = Batcher(run, BatcherSpec(max_batch=4, window_s=0.05), Metrics())
+    f1, f2, f3 = b.submit([req(seed=1), req(seed=2), req(seed=3)])
+    assert f1.result(10) == "image-1" and f3.result(10) == "image-3"
+    with pytest.raises(SdtrtError, match="NaN in 2"):
+        f2.result(10)
+    b.close(10)
+
+
+def test_a_pipeline_answering_the_wrong_number_of_results_fails_the_pass():
+    b = Batcher(lambda requests: ["one"], BatcherSpec(max_batch=4, window_s=0.05), Metrics())
+    futures = b.submit([req(seed=1), req(seed=2)])
+    for f in futures:
+        with pytest.raises(SdtrtError, match="the pipeline answered 1 results for 2 requests"):
+            f.result(10)
+    b.close(10)
+
+
+def test_a_dying_worker_resolves_every_admitted_future_and_refuses_new_ones(runner):
+    class Die(BaseException):
+        pass
+
+    runner.fail_with = Die("boom")
+    b = make(runner, max_batch=1, max_queue=16)
+    hold_first_pass(b, runner)
+    queued = b.submit([req(seed=1), req(seed=2)])
+    runner.gate.set()
+    for f in queued:
+        with pytest.raises(SdtrtError, match=r"the GPU worker stopped \(Die: boom\)"):
+            f.result(10)
+    b._thread.join(10)
+    assert not b.alive
+    with pytest.raises(ShuttingDown):
+        b.submit([req(seed=3)])
 
 
 def test_full_queue_refuses_all_or_nothing_with_retry_after(runner):
@@ -156,7 +222,8 @@ def test_metrics_count_passes_and_refusals(runner):
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    (dict(max_batch=0), "max batch must be at least 1, got 0"),
+    (dict(max_batch=0), "max batch must be between 1 and 64, got 0"),
+    (dict(max_batch=65), "max batch must be between 1 and 64, got 65"),
     (dict(max_queue=0), "max queue must be at least 1, got 0"),
     (dict(window_s=-1), "batch window must be between 0 and 10 s, got -1"),
 ])

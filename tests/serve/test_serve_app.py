@@ -23,6 +23,7 @@ import webuiapi
 from PIL import Image
 
 from sdtrt import cli
+from sdtrt.errors import UsageError
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.request import GenerateRequest
 from sdtrt.serve.app import ServeSpec, create_app
@@ -327,6 +328,17 @@ def test_api_key_bearer_and_basic_auth(sd1_workdir_fp32):
         assert r.json()["detail"] == "missing or wrong API key (send 'Authorization: Bearer KEY')"
         r = requests.post(f"{s.url}/sdapi/v1/txt2img", json=body, headers={"Authorization": "Bearer wrong"}, timeout=30)
         assert r.status_code == 401
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json=body, auth=("user", "wrong"), timeout=30)
+        assert r.status_code == 401
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", data=b"{not json", timeout=30)
+        assert r.status_code == 401  # the key is checked before the body is read
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json=body, headers={"Authorization": "Basic \u00ff\u00fe"},
+                          timeout=30)
+        assert r.status_code == 401
+        for path in ("/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/sdapi/v1/options", "/v1/models"):
+            assert requests.get(f"{s.url}{path}", timeout=10).status_code == 401, path
+            assert requests.get(f"{s.url}{path}", headers={"Authorization": "Bearer s3cret"}, timeout=10).status_code == 200
+        assert requests.get(f"{s.url}/openapi.json", timeout=10).status_code == 200
         assert requests.get(f"{s.url}/health", timeout=10).status_code == 200  # probes need no key
         api = webuiapi.WebUIApi(port=s.port, username="anyone", password="s3cret")  # A1111's --api-auth style
         assert len(api.txt2img(prompt="x", seed=1, steps=2, width=64, height=64).images) == 1
@@ -383,5 +395,71 @@ def test_generation_failure_is_a_500_with_the_reason(sd1_workdir_fp32):
 
 def test_generate_request_of_a_served_call_is_validated_like_the_cli(pipe):
     # the server and the CLI share GenerateRequest validation: the same message for the same bad value
-    with pytest.raises(Exception, match="height must be a multiple of 8 between 8 and 2048, got 60"):
+    with pytest.raises(UsageError, match="height must be a multiple of 8 between 8 and 2048, got 60"):
         pipe.validate(GenerateRequest("x", height=60))
+
+
+def test_server_limits_on_images_per_request_and_steps(server):
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "batch_size": 5}, timeout=30)
+    assert r.status_code == 422
+    assert r.json()["detail"] == "a request of 5 images is over this server's limit of 4 per pass (--max-batch)"
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 151}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"] == "steps 151 is over this server's limit of 150 (--max-steps)"
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "n_iter": 17, "steps": 2}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"] == "this request needs 17 queue slots; the server has 16 (--max-queue)"
+    r = requests.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "n": 5}, timeout=30)
+    assert r.status_code == 400 and "over this server's limit of 4 per pass" in r.json()["error"]["message"]
+
+
+def test_lenient_a1111_inputs(server, ref):
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+    wrapped = base64.encodebytes(png.getvalue()).decode()  # MIME line breaks, as some clients send
+    body = {"prompt": None, "negative_prompt": None, "init_images": [wrapped], "seed": 3, "steps": 4,
+            "sampler_name": "DDIM", "width": 64, "height": 64}
+    r = requests.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    bad = {"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": True}}
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", json=bad, timeout=30)
+    assert r.status_code == 422 and "CLIP_stop_at_last_layers must be 1 or 2, got True" in r.json()["detail"]
+    progress = requests.get(f"{server.url}/sdapi/v1/progress", timeout=10).json()
+    assert progress["progress"] == 0.0 and progress["state"]["job_count"] == 0
+
+
+def test_framework_errors_keep_the_error_shapes(server):
+    r = requests.get(f"{server.url}/v1/nope", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+    r = requests.get(f"{server.url}/sdapi/v1/nope", timeout=10)
+    assert r.status_code == 404 and r.json() == {"error": "HTTPError", "detail": "Not Found"}
+    r = requests.get(f"{server.url}/sdapi/v1/txt2img", timeout=10)
+    assert r.status_code == 405 and r.json()["detail"] == "Method Not Allowed"
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", data=b"\xff\xfe", headers={"content-type": "application/json"},
+                      timeout=10)
+    assert 400 <= r.status_code < 500 and "detail" in r.json()
+
+
+def test_engine_limits_cap_micro_batches_and_refuse_what_they_cannot_run(sd1_workdir_fp32):
+    """An engine built for one image at 64x64 (2B <= 2): a request of 2 images or another size is a 422, and
+    concurrent requests run one per pass instead of failing together."""
+    from sdtrt.engines.profiles import AxisRange, ComponentProfile, check_shape
+
+    pipe = Pipeline.load(sd1_workdir_fp32, backend=BACKEND)
+    profile = ComponentProfile("unet", (AxisRange("2B", 1, 2, 2), AxisRange("H", 8, 8, 8), AxisRange("W", 8, 8, 8)), 8)
+    pipe._unet.check = lambda dims: check_shape(profile, dims, "rebuild with `sdtrt build --dynamic`")
+    gated = Gated(pipe)
+    s = LiveServer(create_app(gated, ServeSpec(max_batch=4, max_queue=16, batch_window_ms=50)))
+    try:
+        body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": "DDIM"}
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "batch_size": 2}, timeout=30)
+        assert r.status_code == 422 and "the unet engine cannot run this shape" in r.json()["detail"]
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "width": 72}, timeout=30)
+        assert r.status_code == 422 and "rebuild with `sdtrt build --dynamic`" in r.json()["detail"]
+        gated.gate.set()
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda seed: requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "seed": seed},
+                                                               timeout=60), range(4)))
+        assert [r.status_code for r in results] == [200] * 4
+        assert gated.passes == [1, 1, 1, 1]
+    finally:
+        gated.gate.set()
+        s.close()

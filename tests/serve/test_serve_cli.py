@@ -31,12 +31,12 @@ def start(workdir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
 def test_sigterm_finishes_every_in_flight_request_then_exits(sd1_workdir_fp32):
     proc, url = start(sd1_workdir_fp32, "--max-batch", "1")
     try:
-        body = {"prompt": "x", "steps": 12, "width": 64, "height": 64, "sampler_name": "DDIM"}
+        body = {"prompt": "x", "steps": 30, "width": 64, "height": 64, "sampler_name": "DDIM"}
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(requests.post, f"{url}/sdapi/v1/txt2img", json={**body, "seed": s}, timeout=120)
                        for s in range(6)]
             deadline = time.monotonic() + 60
-            while requests.get(f"{url}/health", timeout=10).json()["queue_depth"] < 3:
+            while requests.get(f"{url}/health", timeout=10).json()["queue_depth"] < 5:  # 1 running, 5 waiting
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)  # with requests running and queued
@@ -75,9 +75,12 @@ def test_port_in_use_is_one_line_exit_2(capsys, sd1_workdir_fp32):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--max-batch", "0"], "max batch must be at least 1, got 0"),
+    (["--max-batch", "0"], "max batch must be between 1 and 64, got 0"),
     (["--max-queue", "0"], "max queue must be at least 1, got 0"),
-    (["--timeout", "0"], "timeout must be positive, got 0.0"),
+    (["--timeout", "0"], "timeout must be a finite positive number, got 0.0"),
+    (["--timeout", "nan"], "timeout must be a finite positive number, got nan"),
+    (["--max-steps", "0"], "max steps must be between 1 and 1000, got 0"),
+    (["--max-batch", "65"], "max batch must be between 1 and 64, got 65"),
     (["--api-key", " "], "the API key must not be empty"),
     (["--port", "70000"], "port must be between 0 and 65535, got 70000"),
     (["--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),

@@ -21,24 +21,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_ray_cli_answers_then_stops_on_sigterm(sd1_workdir_fp32):
+def test_serve_ray_cli_answers_then_stops_on_sigterm(sd1_workdir_fp32, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "serve", str(sd1_workdir_fp32), "--ray", "--port", str(port),
-                             "--backend", "onnxruntime", "--max-replicas", "1"], stderr=subprocess.PIPE, text=True,
-                            env=env)
+    log = tmp_path / "serve.log"  # a file, not a pipe: Ray's logs would fill a pipe nobody reads
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*map(str, (sys.executable, "-m", "sdtrt", "serve", sd1_workdir_fp32, "--ray",
+                                            "--port", port, "--backend", "onnxruntime", "--max-replicas", 1))],
+                                stderr=err, env=env)
     try:
-        lines = []
         deadline = time.monotonic() + 180
-        while not any("serving" in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            lines.append(proc.stderr.readline())
+        while "serving" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
         body = {"prompt": "x", "seed": 1, "steps": 2, "width": 64, "height": 64}
         r = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json=body, timeout=120)
         assert r.status_code == 200 and len(r.json()["images"]) == 1
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+        assert "draining: finishing admitted requests" in log.read_text()
     finally:
         proc.kill()
         proc.wait()
