@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +26,7 @@ from sdtrt.runtime.request import MAX_STEPS
 from sdtrt.serve import a1111, openai_images
 from sdtrt.serve.batcher import Batcher, BatcherSpec
 from sdtrt.serve.gate import Gate
-from sdtrt.serve.http_errors import RequestTimeout, error_response
+from sdtrt.serve.http_errors import ClientGone, RequestTimeout, error_response
 from sdtrt.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -80,21 +80,35 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     for exc in (SdtrtError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc, error_response)
 
-    async def run(requests) -> list:
-        """Validate, admit, wait: the results in order, or the error to answer with."""
+    async def run(http: Request, requests) -> list:
+        """Validate, admit, wait: the results in order, or the error to answer with. A request whose client went
+        away is withdrawn: its jobs that have not started are skipped."""
         for r in requests:
             if r.steps > spec.max_steps:
                 raise UsageError(f"steps {r.steps} is over this server's limit of {spec.max_steps} (--max-steps)")
         validated = [pipeline.validate(r) for r in requests]
         futures = batcher.submit(validated)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.timeout_s
+        done = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        gone = asyncio.ensure_future(http.receive())  # the body is read: the next message is the disconnect
         try:
-            waits = [asyncio.wrap_future(f) for f in futures]
-            return await asyncio.wait_for(asyncio.gather(*waits), spec.timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"the request did not finish within {spec.timeout_s:g} s") from None
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise RequestTimeout(f"the request did not finish within {spec.timeout_s:g} s")
+                await asyncio.wait({done, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if done.done():
+                    return done.result()
+                if gone.done():
+                    if gone.result().get("type") == "http.disconnect":
+                        raise ClientGone("the client disconnected before its images were ready")
+                    gone = loop.create_future()  # this server does not signal disconnects so: stop watching
         finally:
+            gone.cancel()
+            done.cancel()
             for f in futures:
-                f.cancel()  # on any failure: the request's other jobs that have not started are skipped
+                f.cancel()  # on any failure: the request's jobs that have not started are skipped
 
     # -- health and metrics (no key: load balancers and scrapers) ---------------------------------------------------
     @app.get("/health", tags=["server"])
@@ -111,14 +125,14 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
 
     # -- A1111 ---------------------------------------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img", tags=["a1111"], response_model=a1111.A1111Response)
-    async def txt2img(body: a1111.Txt2ImgRequest):
-        results = await run(a1111.to_requests(body, model_name))
+    async def txt2img(body: a1111.Txt2ImgRequest, http: Request):
+        results = await run(http, a1111.to_requests(body, model_name))
         return await run_in_threadpool(a1111.to_response, body, results, model_name)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"], response_model=a1111.A1111Response)
-    async def img2img(body: a1111.Img2ImgRequest):
+    async def img2img(body: a1111.Img2ImgRequest, http: Request):
         requests = await run_in_threadpool(a1111.to_requests, body, model_name)  # decodes the image
-        results = await run(requests)
+        results = await run(http, requests)
         return await run_in_threadpool(a1111.to_response, body, results, model_name)
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"])
@@ -146,8 +160,8 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     # -- OpenAI ----------------------------------------------------------------------------------------------------
     @app.post("/v1/images/generations", tags=["openai"],
               response_model=openai_images.ImagesResponse)
-    async def images_generations(body: openai_images.ImageGenerationRequest):
-        (result,) = await run([openai_images.to_request(body)])
+    async def images_generations(body: openai_images.ImageGenerationRequest, http: Request):
+        (result,) = await run(http, [openai_images.to_request(body)])
         return await run_in_threadpool(openai_images.to_response, result)
 
     @app.get("/v1/models", tags=["openai"])

@@ -24,6 +24,10 @@ class RequestTimeout(SdtrtError):
     """The request did not finish within the server's timeout (504)."""
 
 
+class ClientGone(SdtrtError):
+    """The client disconnected; its request is withdrawn (499, nginx's "client closed request", never seen)."""
+
+
 class Unauthorized(SdtrtError):
     """Missing or wrong API key (401)."""
 
@@ -47,6 +51,8 @@ def _status(e: Exception) -> int:
         return 503
     if isinstance(e, RequestTimeout):
         return 504
+    if isinstance(e, ClientGone):
+        return 499
     return 500
 
 

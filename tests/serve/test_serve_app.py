@@ -319,6 +319,29 @@ def test_timeout_answers_504_and_a_queued_request_that_timed_out_never_runs(sd1_
         s.close()
 
 
+def test_a_request_whose_client_disconnected_is_withdrawn(sd1_workdir_fp32):
+    gated = Gated(Pipeline.load(sd1_workdir_fp32, backend=BACKEND))
+    s = LiveServer(create_app(gated, ServeSpec(max_batch=1, batch_window_ms=0)))
+    try:
+        body = {"prompt": "x", "seed": 1, "steps": 2, "width": 64, "height": 64}
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(requests.post, f"{s.url}/sdapi/v1/txt2img", json=body, timeout=60)
+            assert gated.entered.wait(30)
+            with pytest.raises(requests.Timeout):  # the client gives up while its request waits in the queue
+                requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "seed": 2}, timeout=0.5)
+            deadline = time.monotonic() + 30
+            while 'kind="ClientGone"' not in requests.get(f"{s.url}/metrics", timeout=10).text:
+                assert time.monotonic() < deadline, "the server did not notice the disconnect"
+                time.sleep(0.05)
+            gated.gate.set()
+            assert held.result().status_code == 200
+        assert requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "seed": 3}, timeout=60).status_code == 200
+        assert gated.passes == [1, 1]  # the abandoned request never ran
+    finally:
+        gated.gate.set()
+        s.close()
+
+
 def test_api_key_bearer_and_basic_auth(sd1_workdir_fp32):
     s = LiveServer(create_app(Pipeline.load(sd1_workdir_fp32, backend=BACKEND), ServeSpec(api_key="s3cret")))
     try:
