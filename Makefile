@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtrt-installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO ?= demo
 
-.PHONY: setup demo test lint trt-check clean
+.PHONY: setup demo serve test lint trt-check clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: setup
 	$(SDTRT) export $(DEMO)/checkpoint $(DEMO)/workdir
 	$(SDTRT) generate $(DEMO)/workdir "a photo of an astronaut riding a horse" --steps 30 --seed 0 -o $(DEMO)/demo.png
 	@echo "demo: wrote $(DEMO)/demo.png (random weights: expect colourful noise, not a picture)"
+
+serve: demo
+	$(SDTRT) serve $(DEMO)/workdir --backend onnxruntime
 
 lint: setup
 	$(VENV)/bin/ruff check sdtrt tests benchmarks
