@@ -20,7 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,8 @@ class Pipeline:
             img2img.start_index(req.steps, req.strength)
             if "vae_encoder" not in self.manifest["components"]:
                 raise UsageError(f"{self.workdir}: img2img needs the vae_encoder graph; export it")
+            # resized here, once: a queued request holds (H, W, 3) uint8 pixels, not the caller's large image
+            req = replace(req, init_image=img2img.prepare_image(req.init_image, req.width, req.height))
         self.check_rows(req, req.batch)
         return req
 

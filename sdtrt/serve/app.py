@@ -86,7 +86,7 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
         for r in requests:
             if r.steps > spec.max_steps:
                 raise UsageError(f"steps {r.steps} is over this server's limit of {spec.max_steps} (--max-steps)")
-        validated = [pipeline.validate(r) for r in requests]
+        validated = await run_in_threadpool(lambda: [pipeline.validate(r) for r in requests])  # img2img resizes
         futures = batcher.submit(validated)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.timeout_s
@@ -132,6 +132,7 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     @app.post("/sdapi/v1/img2img", tags=["a1111"], response_model=a1111.A1111Response)
     async def img2img(body: a1111.Img2ImgRequest, http: Request):
         requests = await run_in_threadpool(a1111.to_requests, body, model_name)  # decodes the image
+        body.init_images = []  # decoded: do not hold the base64 text while queued (the answer never echoes it)
         results = await run(http, requests)
         return await run_in_threadpool(a1111.to_response, body, results, model_name)
 
