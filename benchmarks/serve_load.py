@@ -11,7 +11,6 @@ Reports images/s and request latency p50/p90 per configuration, and the ratio to
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,16 +18,13 @@ from pathlib import Path
 
 import requests
 
+from sdtrt.bench.env import capture_environment
+from sdtrt.bench.timing import summarize
 from sdtrt.fsutil import write_bytes_atomic, write_json_atomic
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.request import GenerateRequest
 from sdtrt.serve.app import ServeSpec, create_app
 from sdtrt.serve.server import ThreadedServer
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def direct(pipe: Pipeline, n: int, steps: int, size: int, warmup: int) -> dict:
@@ -41,8 +37,9 @@ def direct(pipe: Pipeline, n: int, steps: int, size: int, warmup: int) -> dict:
         pipe.generate(GenerateRequest("load test", seed=seed, steps=steps, height=size, width=size))
         latencies.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
+    lat = summarize(latencies)
     return {"mode": "direct, sequential", "max_batch": 1, "images_per_s": n / wall, "wall_s": wall,
-            "p50_s": statistics.median(latencies), "p90_s": percentile(latencies, 0.9), "refused": 0}
+            "p50_s": lat["p50"], "p90_s": lat["p90"], "refused": 0}
 
 
 def served(pipe: Pipeline, n: int, concurrency: int, max_batch: int, steps: int, size: int, warmup: int) -> dict:
@@ -71,8 +68,9 @@ def served(pipe: Pipeline, n: int, concurrency: int, max_batch: int, steps: int,
             wall = time.perf_counter() - t0
             images1, passes1 = passes()
     ok = [lat for lat, code in results if code == 200]
+    lat = summarize(ok)
     return {"mode": f"served, {concurrency} clients", "max_batch": max_batch, "images_per_s": len(ok) / wall,
-            "wall_s": wall, "p50_s": statistics.median(ok), "p90_s": percentile(ok, 0.9),
+            "wall_s": wall, "p50_s": lat["p50"], "p90_s": lat["p90"],
             "refused": len(results) - len(ok),
             "mean_pass_images": (images1 - images0) / max(1.0, passes1 - passes0)}
 
@@ -100,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         row["vs_direct"] = row["images_per_s"] / base
     result = {"workdir": str(args.workdir), "backend": pipe.backend.name, "device": str(pipe.device),
               "requests": args.requests, "concurrency": args.concurrency, "steps": args.steps, "size": args.size,
-              "scheduler": pipe.default_scheduler, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "scheduler": pipe.default_scheduler, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+              "environment": capture_environment()}
     lines = [f"# Serving load: {args.requests} requests, {args.size}x{args.size}, {args.steps} steps of "
              f"{pipe.default_scheduler}, backend {pipe.backend.name} ({pipe.device})", "",
              "| mode | max batch | images/s | vs direct | p50 latency | p90 latency | images per pass | refused |",

@@ -56,6 +56,8 @@ def prepare_image(image: Any, width: int, height: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise UsageError("init image array must be (H, W, 3) uint8")
+        if image.shape[:2] == (height, width):
+            return image  # already prepared (Pipeline.validate does it once per request)
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise UsageError("init image must be a PIL image or an (H, W, 3) uint8 array")

@@ -351,7 +351,7 @@ class Pipeline:
         if self._encoder is None:
             self._encoder = self.backend.runner("vae_encoder")
         s = int(self.model["vae_scale_factor"])
-        pixels = img2img.prepare_image(req.init_image, req.width, req.height)  # (H, W, 3) uint8
+        pixels = req.init_image  # (H, W, 3) uint8: resized by validate
         self._encoder.activate({"B": 1, "H": req.height // s, "W": req.width // s, f"{s}H": req.height, f"{s}W": req.width})
         self._encoder.inputs["image"].copy_(torch.tensor(pixels)[None])
         self._encoder.run()

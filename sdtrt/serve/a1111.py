@@ -137,6 +137,8 @@ def to_requests(body: _Common, model_name: str) -> list[GenerateRequest]:
     if body.batch_size * body.n_iter > MAX_BATCH:
         raise UsageError(f"batch_size x n_iter is {body.batch_size * body.n_iter}, over the limit of {MAX_BATCH}")
     seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
+    scheduler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    clip_skip = _clip_skip(body.override_settings, model_name)
     init = None
     strength = 0.75
     if isinstance(body, Img2ImgRequest):
@@ -145,9 +147,8 @@ def to_requests(body: _Common, model_name: str) -> list[GenerateRequest]:
     return [
         GenerateRequest(
             prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", steps=body.steps, guidance=body.cfg_scale,
-            scheduler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler), seed=seed + k,
-            batch=body.batch_size, height=body.height, width=body.width,
-            clip_skip=_clip_skip(body.override_settings, model_name), init_image=init, strength=strength,
+            scheduler=scheduler, seed=seed + k, batch=body.batch_size, height=body.height, width=body.width,
+            clip_skip=clip_skip, init_image=init, strength=strength,
         )
         for k in range(body.n_iter)
     ]

@@ -118,6 +118,8 @@ def run_ray(workdir: str | Path, spec: ServeSpec, ray_spec: RaySpec, *, host: st
     import ray
     from ray import serve
 
+    from sdtrt.serve.server import warn_if_open
+
     announce = announce or logging.getLogger(__name__).info
     stop = threading.Event()
 
@@ -126,9 +128,7 @@ def run_ray(workdir: str | Path, spec: ServeSpec, ray_spec: RaySpec, *, host: st
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # before anything starts, so a signal never leaves Ray behind
         signal.signal(sig, on_signal)
-    if host not in ("127.0.0.1", "::1", "localhost") and spec.api_key is None:
-        logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who can reach it can use the GPUs",
-                                            host)
+    warn_if_open(host, spec)
     started = not ray.is_initialized()
     if started:
         # RAY_ADDRESS: join that cluster; otherwise start a local one (never attach to a stray one by accident)

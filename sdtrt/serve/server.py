@@ -34,6 +34,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def warn_if_open(host: str, spec: ServeSpec) -> None:
+    if host not in LOOPBACK and spec.api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the GPU", host)
+
+
 def run_server(workdir: str | Path, spec: ServeSpec, *, host: str = "127.0.0.1", port: int = 7860,
                backend: str = "auto", announce=None, debug: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; then finish every admitted request and exit."""
@@ -41,8 +46,7 @@ def run_server(workdir: str | Path, spec: ServeSpec, *, host: str = "127.0.0.1",
 
     from sdtrt.runtime.pipeline import Pipeline
 
-    if host not in LOOPBACK and spec.api_key is None:
-        log.warning("serving on %s without --api-key: anyone who can reach this port can use the GPU", host)
+    warn_if_open(host, spec)
     sock = bind(host, port)
     pipeline = Pipeline.load(workdir, backend=backend)
     app = create_app(pipeline, spec)
