@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="sdtrt backend inside Triton")
     p.add_argument("--execution-env", default=None, metavar="TAR_GZ",
                    help="conda-pack'd Python environment with sdtrt, for Triton's Python backend")
+    p.add_argument("--python-path", default="", metavar="PATHS",
+                   help=f"absolute directories ('{os.pathsep}'-separated) model.py puts in front of sys.path before "
+                        "importing sdtrt: the site-packages of the environment sdtrt is installed in (Triton's Python "
+                        "backend ignores PYTHONPATH)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model of that name in REPO")
     return parser
 
@@ -377,7 +381,8 @@ def _cmd_export_triton(args: argparse.Namespace) -> None:
             raise UsageError(f"--gpus must be comma-separated integers, got {args.gpus!r}") from None
     spec = TritonSpec(model_name=args.model_name, max_batch_size=args.max_batch, max_queue_delay_us=args.queue_delay_us,
                       instances_per_gpu=args.instances_per_gpu, gpus=gpus, backend=args.backend, cpu=args.cpu,
-                      execution_env=args.execution_env)
+                      execution_env=args.execution_env,
+                      python_path=tuple(args.python_path.split(os.pathsep)) if args.python_path else ())
     model_dir = export_triton(args.workdir, args.repo, spec, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote {model_dir}; start it with: tritonserver --model-repository {args.repo}")

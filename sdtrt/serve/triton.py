@@ -1,6 +1,7 @@
 """``sdtrt export-triton WORKDIR REPO``: a Triton Inference Server model repository that serves a WORKDIR.
 
-    REPO/<model_name>/config.pbtxt     inputs and output, dynamic batching, instance groups, WORKDIR and BACKEND
+    REPO/<model_name>/config.pbtxt     inputs and output, dynamic batching, instance groups, WORKDIR, BACKEND
+                                       and PYTHON_PATH (``--python-path``, when given)
     REPO/<model_name>/1/model.py       ``sdtrt/serve/triton_model.py``, copied verbatim (Triton's Python backend)
 
 The model directory is written whole, atomically (a temporary sibling renamed into place), so a Triton polling the
@@ -11,6 +12,7 @@ inside Triton's container.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from sdtrt.fsutil import atomic_dir, write_bytes_atomic
 from sdtrt.runtime.backends import BACKENDS
 from sdtrt.runtime.request import MAX_BATCH
 from sdtrt.serve import triton_model
-from sdtrt.serve.triton_model import INPUTS, OUTPUT_DIMS, OUTPUT_NAME, OUTPUT_TYPE
+from sdtrt.serve.triton_model import INPUTS, OUTPUT_DIMS, OUTPUT_NAME, OUTPUT_TYPE, PYTHON_PATH
 
 CONFIG = "config.pbtxt"
 VERSION = "1"
@@ -35,7 +37,9 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 class TritonSpec:
     """What the repository asks of Triton. ``gpus`` None: ``instances_per_gpu`` on every visible GPU. ``cpu``:
     KIND_CPU instances (testing without a GPU). ``execution_env``: a conda-pack'd tarball with sdtrt installed,
-    recorded as the Python backend's EXECUTION_ENV_PATH verbatim (it may use ``$$TRITON_MODEL_DIRECTORY``)."""
+    recorded as the Python backend's EXECUTION_ENV_PATH verbatim (it may use ``$$TRITON_MODEL_DIRECTORY``).
+    ``python_path``: absolute directories model.py puts in front of ``sys.path`` before importing sdtrt (Triton's
+    Python backend ignores PYTHONPATH): a virtualenv's site-packages, the source tree of an editable install."""
 
     model_name: str = "sdtrt"
     max_batch_size: int = 4
@@ -45,6 +49,7 @@ class TritonSpec:
     backend: str = "auto"
     cpu: bool = False
     execution_env: str | None = None
+    python_path: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not _MODEL_NAME.fullmatch(self.model_name):
@@ -65,6 +70,11 @@ class TritonSpec:
             raise UsageError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.execution_env is not None and (not isinstance(self.execution_env, str) or not self.execution_env):
             raise UsageError(f"the execution environment must be a path to a .tar.gz, got {self.execution_env!r}")
+        object.__setattr__(self, "python_path", tuple(self.python_path))
+        for entry in self.python_path:
+            # os.pathsep joins them in config.pbtxt; a relative one would be relative to Triton's working directory
+            if not isinstance(entry, str) or not entry or os.pathsep in entry or not os.path.isabs(entry):
+                raise UsageError(f"python path entries must be absolute directories, got {entry!r}")
 
 
 def _is_int(v: Any) -> bool:
@@ -98,6 +108,8 @@ def render_config(spec: TritonSpec, workdir: str | Path) -> str:
     params = {"WORKDIR": str(workdir), "BACKEND": spec.backend}
     if spec.execution_env is not None:
         params["EXECUTION_ENV_PATH"] = spec.execution_env
+    if spec.python_path:
+        params[PYTHON_PATH] = os.pathsep.join(spec.python_path)
     lines = [
         f"# written by sdtrt {sdtrt.__version__} export-triton; model.py is sdtrt/serve/triton_model.py",
         f"name: {_quote(spec.model_name)}",
@@ -137,9 +149,13 @@ def model_source() -> str:
 
 def export_triton(workdir: str | Path, repo: str | Path, spec: TritonSpec = TritonSpec(), *, overwrite: bool = False) -> Path:
     """Write ``REPO/<spec.model_name>/`` serving ``workdir``; return that model directory. ``UsageError`` when it
-    exists (unless ``overwrite``); the manifest's ``CheckpointError`` when ``workdir`` is not a complete export."""
+    exists (unless ``overwrite``) or a ``spec.python_path`` entry is not a directory here; the manifest's
+    ``CheckpointError`` when ``workdir`` is not a complete export."""
     workdir = Path(workdir).resolve()
     read_manifest(workdir)
+    for entry in spec.python_path:
+        if not Path(entry).is_dir():
+            raise UsageError(f"python path entry {entry} is not a directory")
     model_dir = Path(repo) / spec.model_name
     if model_dir.exists() and not overwrite:
         raise UsageError(f"{model_dir} already exists; pass --overwrite to replace it")

@@ -5,29 +5,71 @@ from the config's ``parameters``) on the instance's GPU. Triton's dynamic batche
 requests at once; every request row becomes one ``GenerateRequest`` (batch 1), rows that share a ``batch_key`` run
 as one micro-batch of at most ``max_batch_size`` rows, and each request is answered with its rows' images as one
 ``IMAGE`` (rows, H, W, 3) uint8 tensor, or with an error response of one line. ``execute`` never raises.
+
+Triton's Python backend embeds the system's Python with its own ``sys.path`` (``PYTHONPATH`` is not passed on), so
+before anything outside the standard library is imported, the ``PYTHON_PATH`` parameter of the ``config.pbtxt``
+next to this file's version folder (``sdtrt export-triton --python-path``: a virtualenv's site-packages, a source
+tree) is put in front of ``sys.path``. Only that one parameter is read here, with the standard library; the rest
+of the config comes to ``initialize`` from Triton.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import logging
+import os
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+PYTHON_PATH = "PYTHON_PATH"  # the config.pbtxt parameter: absolute directories joined with os.pathsep
+_PARAMETER = re.compile(
+    r'parameters\s*:?\s*\{\s*key\s*:\s*"' + PYTHON_PATH + r'"\s*value\s*:?\s*\{\s*string_value\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def python_path(config_text: str) -> list[str]:
+    """The entries of the ``PYTHON_PATH`` parameter in ``config_text`` (config.pbtxt as ``sdtrt export-triton``
+    writes it, spacing aside), in order; [] without one."""
+    m = _PARAMETER.search(config_text)
+    if m is None:
+        return []
+    value = codecs.escape_decode(m.group(1).encode("utf-8"))[0].decode("utf-8")  # text format's \" \\ \ooo
+    return [p for p in value.split(os.pathsep) if p]
+
+
+def prepend_python_path(config_file: Path) -> list[str]:
+    """Put the ``PYTHON_PATH`` entries of ``config_file`` in front of ``sys.path`` (no-op without the file or the
+    parameter); return them."""
+    try:
+        entries = python_path(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:  # imported as sdtrt.serve.triton_model, not as a repository's model.py
+        return []
+    if sys.path[: len(entries)] != entries:  # importing twice adds nothing
+        sys.path[:0] = entries
+    return entries
+
+
+# REPO/NAME/1/model.py -> REPO/NAME/config.pbtxt; before numpy, pb_utils (which imports numpy) and sdtrt
+prepend_python_path(Path(__file__).resolve().parent.parent / "config.pbtxt")
+
+try:
+    import numpy as np
+
+    from sdtrt.errors import SdtrtError, UsageError, one_line
+    from sdtrt.runtime.request import BatchKey, GenerateRequest, batch_key
+except ImportError as e:  # the first thing a user sees in Triton's log when the environment is wrong
+    raise ImportError(f"sdtrt is not importable in Triton's Python environment ({e}; sys.path {sys.path}); "
+                      "install it there, export with --python-path naming the site-packages that hold it, or point "
+                      "the model's EXECUTION_ENV_PATH parameter at a conda-pack'd env") from e
 
 try:
     import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend stub
 except ImportError:  # importable without Triton: for tests and for ``sdtrt export-triton``
     pb_utils = None
-
-try:
-    from sdtrt.errors import SdtrtError, UsageError, one_line
-    from sdtrt.runtime.request import BatchKey, GenerateRequest, batch_key
-except ImportError as e:  # the first thing a user sees in Triton's log when the environment is wrong
-    raise ImportError(f"sdtrt is not importable in Triton's Python environment ({e}); pip install it in the "
-                      "container, or point the model's EXECUTION_ENV_PATH parameter at a conda-pack'd env") from e
 
 log = logging.getLogger(__name__)
 

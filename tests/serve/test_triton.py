@@ -1,21 +1,25 @@
 """``sdtrt export-triton``: the config Triton would parse, the repository on disk, and the exported model.py driven
-on CPU through a fake ``triton_python_backend_utils``, image for image against the pipeline run alone."""
+on CPU with the real ``triton_python_backend_utils`` and stand-ins for the stub's C++ classes (triton_fake.py), image
+for image against the pipeline run alone. A real tritonserver runs it in test_triton_server.py."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import triton_fake
 
+from sdtrt import cli
 from sdtrt.errors import CheckpointError, UsageError
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.request import GenerateRequest
-from sdtrt.serve import triton
+from sdtrt.serve import triton, triton_model
 from sdtrt.serve.triton import TritonSpec, export_triton, parse_config, render_config
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="parsing Triton configs needs tritonclient[grpc]")
@@ -78,6 +82,48 @@ def test_cpu_instances_and_execution_env(tmp_path):
     assert "EXECUTION_ENV_PATH" not in _params(parse_config(render_config(TritonSpec(), tmp_path)))
 
 
+def test_python_path_round_trips_through_model_py(tmp_path):
+    """model.py reads the PYTHON_PATH parameter with the standard library only: whatever render_config writes,
+    odd characters included, comes back entry for entry."""
+    entries = (str(tmp_path / "venv" / "site-packages"), str(tmp_path / 'my "src"\\é\tdir'), "/opt/x")
+    text = render_config(TritonSpec(python_path=entries), tmp_path)
+    assert _params(parse_config(text))["PYTHON_PATH"] == os.pathsep.join(entries)
+    assert triton_model.python_path(text) == list(entries)
+    assert triton_model.python_path(render_config(TritonSpec(), tmp_path)) == []
+    assert "PYTHON_PATH" not in _params(parse_config(render_config(TritonSpec(), tmp_path)))  # default: nothing
+
+
+def test_python_path_is_prepended_once(tmp_path, monkeypatch):
+    config = tmp_path / "config.pbtxt"
+    config.write_text(render_config(TritonSpec(python_path=("/a", "/b")), tmp_path))
+    monkeypatch.setattr(sys, "path", ["/stdlib", "/a"])
+    assert triton_model.prepend_python_path(config) == ["/a", "/b"]
+    assert triton_model.prepend_python_path(config) == ["/a", "/b"]
+    assert sys.path == ["/a", "/b", "/stdlib", "/a"]
+    assert triton_model.prepend_python_path(tmp_path / "missing.pbtxt") == []
+    assert sys.path == ["/a", "/b", "/stdlib", "/a"]
+
+
+def _run_model_py_without_site_packages(model_dir: Path) -> subprocess.CompletedProcess:
+    """Import model.py the way Triton's stub does: an interpreter whose sys.path has no site-packages."""
+    code = f"import runpy, sys; runpy.run_path({str(model_dir / '1' / 'model.py')!r}); print(sys.path[:2])"
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_model_py_imports_sdtrt_through_the_python_path(sd1_workdir_fp32, tmp_path):
+    site_packages = str(Path(np.__file__).parent.parent)  # where this venv's packages are
+    project = str(Path(triton.__file__).parents[2])  # sdtrt itself (an editable install's .pth is not read)
+    spec = TritonSpec(backend="onnxruntime", cpu=True, python_path=(site_packages, project))
+    ok = _run_model_py_without_site_packages(export_triton(sd1_workdir_fp32, tmp_path / "with", spec))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str([site_packages, project])
+
+    bare = _run_model_py_without_site_packages(export_triton(sd1_workdir_fp32, tmp_path / "without", TritonSpec()))
+    assert bare.returncode != 0
+    assert "ImportError: sdtrt is not importable in Triton's Python environment" in bare.stderr
+    assert "--python-path" in bare.stderr
+
+
 def test_odd_workdir_paths_round_trip(tmp_path):
     workdir = tmp_path / 'my "models"\\sd é\tv1'
     assert _params(parse_config(render_config(TritonSpec(), workdir)))["WORKDIR"] == str(workdir.resolve())
@@ -108,6 +154,9 @@ def test_parse_config_without_tritonclient(monkeypatch):
     ({"gpus": (0,), "cpu": True}, "GPU ids and CPU instances exclude each other"),
     ({"backend": "cuda"}, "unknown backend 'cuda'; choose one of auto, tensorrt, onnxruntime, torch"),
     ({"execution_env": ""}, "the execution environment must be a path"),
+    ({"python_path": ("venv/lib",)}, "python path entries must be absolute directories, got 'venv/lib'"),
+    ({"python_path": ("",)}, "python path entries must be absolute directories, got ''"),
+    ({"python_path": (f"/a{os.pathsep}/b",)}, "python path entries must be absolute directories"),
 ])
 def test_bad_specs(kwargs, message):
     with pytest.raises(UsageError, match=message):
@@ -155,6 +204,29 @@ def test_export_needs_a_workdir(tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
+@pytest.mark.parametrize(("paths", "message"), [
+    ("relative/site-packages", "python path entries must be absolute directories, got 'relative/site-packages'"),
+    ("{tmp}/missing", "python path entry {tmp}/missing is not a directory"),
+    ("{tmp}" + os.pathsep + "lib", "python path entries must be absolute directories, got 'lib'"),
+])
+def test_export_triton_cli_refuses_bad_python_paths(capsys, sd1_workdir_fp32, tmp_path, paths, message):
+    code = cli.main(["export-triton", str(sd1_workdir_fp32), str(tmp_path / "repo"), "--cpu",
+                     "--python-path", paths.format(tmp=tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [f"sdtrt: error: {message.format(tmp=tmp_path)}"]
+    assert not (tmp_path / "repo").exists()
+
+
+def test_export_triton_cli_records_the_python_path(capsys, sd1_workdir_fp32, tmp_path):
+    paths = [str(tmp_path), str(Path(np.__file__).parent)]
+    code = cli.main(["export-triton", str(sd1_workdir_fp32), str(tmp_path / "repo"), "--cpu",
+                     "--python-path", os.pathsep.join(paths)])
+    assert code == 0, capsys.readouterr().err
+    config = parse_config((tmp_path / "repo" / "sdtrt" / "config.pbtxt").read_text())
+    assert _params(config)["PYTHON_PATH"] == os.pathsep.join(paths)
+
+
 def test_export_checks_the_config_before_writing(sd1_workdir_fp32, tmp_path, monkeypatch):
     monkeypatch.setattr(triton, "render_config", lambda spec, workdir: "name: [broken\n")
     with pytest.raises(UsageError, match="invalid Triton model config"):
@@ -163,38 +235,8 @@ def test_export_checks_the_config_before_writing(sd1_workdir_fp32, tmp_path, mon
 
 
 # -- the model, as Triton's Python backend runs it ---------------------------------------------------------------
-class FakeTensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self._array = name, array
-
-    def as_numpy(self) -> np.ndarray:
-        return self._array
-
-
-class FakeResponse:
-    def __init__(self, output_tensors=None, error=None) -> None:
-        self.output_tensors, self.error = output_tensors, error
-
-
-class FakeError:
-    def __init__(self, msg: str) -> None:
-        self._msg = msg
-
-    def message(self) -> str:
-        return self._msg
-
-
-class FakeRequest:
-    def __init__(self, **inputs: np.ndarray) -> None:
-        self.inputs = inputs
-
-
-def _fake_pb_utils() -> types.ModuleType:
-    m = types.ModuleType("triton_python_backend_utils")
-    m.Tensor, m.InferenceResponse, m.TritonError = FakeTensor, FakeResponse, FakeError
-    m.get_input_tensor_by_name = lambda request, name: (
-        FakeTensor(name, request.inputs[name]) if name in request.inputs else None)
-    return m
+TRITON_DIR = triton_fake.triton_dir()
+needs_pb_utils = pytest.mark.skipif(TRITON_DIR is None, reason="needs nvidia-pytriton (the real triton_python_backend_utils)")
 
 
 def _column(values, dtype) -> np.ndarray:
@@ -204,10 +246,10 @@ def _column(values, dtype) -> np.ndarray:
     return np.array([[v] for v in values], dtype=dtype)
 
 
-def _request(**fields) -> FakeRequest:
+def _request(**fields) -> triton_fake.InferenceRequest:
     types_ = {"PROMPT": object, "NEGATIVE_PROMPT": object, "SCHEDULER": object, "SEED": np.int64,
               "STEPS": np.int32, "GUIDANCE": np.float32, "HEIGHT": np.int32, "WIDTH": np.int32}
-    return FakeRequest(**{k: _column(v, types_[k]) for k, v in fields.items()})
+    return triton_fake.InferenceRequest(**{k: _column(v, types_[k]) for k, v in fields.items()})
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +266,7 @@ def model(sd1_workdir_fp32, tmp_path_factory):
     model_dir = export_triton(sd1_workdir_fp32, tmp_path_factory.mktemp("repo"),
                               TritonSpec(max_batch_size=2, backend="onnxruntime", cpu=True))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+        mp.setitem(sys.modules, "triton_python_backend_utils", triton_fake.pb_utils(TRITON_DIR))
         # imported as Triton's stub imports it: the model directory on sys.path, then `import 1.model`
         mp.syspath_prepend(str(model_dir))
         module = importlib.import_module("1.model")
@@ -242,6 +284,7 @@ def model(sd1_workdir_fp32, tmp_path_factory):
             sys.modules.pop(name, None)
 
 
+@needs_pb_utils
 def test_model_micro_batches_like_the_pipeline_alone(model, reference, monkeypatch):
     calls: list[int] = []
     generate_batch = model.pipeline.generate_batch
@@ -269,18 +312,19 @@ def test_model_micro_batches_like_the_pipeline_alone(model, reference, monkeypat
     ]
     for i, (response, rows) in enumerate(zip(responses, expected, strict=True)):
         if rows is None:
-            assert response.output_tensors == []
-            assert response.error.message().startswith("unknown scheduler 'nope'; choose one of ddim, ")
+            assert response.output_tensors() == []
+            assert response.error().message().startswith("unknown scheduler 'nope'; choose one of ddim, ")
             continue
-        assert response.error is None, response.error.message()
-        [image] = response.output_tensors
-        assert image.name == "IMAGE"
+        assert not response.has_error(), response.error().message()
+        [image] = response.output_tensors()
+        assert image.name() == "IMAGE"
         pixels = image.as_numpy()
         assert (pixels.dtype, pixels.shape) == (np.uint8, (len(rows), 64, 64, 3))
         for row, kw in zip(pixels, rows, strict=True):
             np.testing.assert_array_equal(row, reference(**kw), err_msg=f"request {i}: {kw}")
 
 
+@needs_pb_utils
 @pytest.mark.parametrize(("fields", "message"), [
     ({"STEPS": [4]}, "input PROMPT is required"),
     ({"PROMPT": ["a", "b"], "SEED": [1]}, "input SEED has 1 rows but PROMPT has 2"),
@@ -291,19 +335,21 @@ def test_model_micro_batches_like_the_pipeline_alone(model, reference, monkeypat
 def test_model_answers_bad_requests_with_errors(model, fields, message):
     good = _request(PROMPT=["fine"], STEPS=[2])
     bad, ok = model.execute([_request(**fields), good])
-    assert bad.output_tensors == [] and bad.error.message() == message
-    assert ok.error is None and ok.output_tensors[0].as_numpy().shape == (1, 64, 64, 3)
+    assert bad.output_tensors() == [] and bad.error().message() == message
+    assert not ok.has_error() and ok.output_tensors()[0].as_numpy().shape == (1, 64, 64, 3)
 
 
+@needs_pb_utils
 def test_model_answers_a_failed_batch_with_errors(model, monkeypatch):
     def boom(reqs):
         raise RuntimeError("out of memory\nmore detail")
 
     monkeypatch.setattr(model.pipeline, "generate_batch", boom)
     responses = model.execute([_request(PROMPT=["a"], STEPS=[2]), _request(PROMPT=["b"], STEPS=[2])])
-    assert [r.error.message() for r in responses] == ["internal error: RuntimeError: out of memory"] * 2
+    assert [r.error().message() for r in responses] == ["internal error: RuntimeError: out of memory"] * 2
 
 
+@needs_pb_utils
 def test_model_config_without_workdir(model):
     with pytest.raises(UsageError, match="no WORKDIR parameter"):
         type(model)().initialize({"model_config": json.dumps({"max_batch_size": 2, "parameters": {}}),
