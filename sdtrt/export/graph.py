@@ -17,6 +17,7 @@ import torch
 
 from sdtrt.errors import ExportError
 from sdtrt.export.fp16 import convert_to_fp16
+from sdtrt.export.trt_rules import check_trt_rules
 from sdtrt.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,10 @@ def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
 
 def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: GraphIO, path: Path,
                  *, precision: str, opset: int) -> list[Path]:
-    """Trace, optimise and save one component graph; returns the files written."""
+    """Trace, optimise, check against TensorRT's parser rules and save one component graph; returns the files
+    written (none when a check fails)."""
     log.info("tracing %s", path.name)
     model = trace_to_onnx(module, args, io, opset)
     model = optimise(model, io, precision)
+    check_trt_rules(model, path.stem)
     return save_graph(model, path)

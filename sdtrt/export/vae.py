@@ -3,6 +3,10 @@
 Pixel conversion lives inside the graphs so the runtime copies finished pixels and never runs its own
 elementwise kernels on images: the decoder folds in 1/scaling_factor, [-1, 1] -> [0, 255], rounding, clamping and
 the NCHW -> NHWC transpose; the encoder folds in the inverse and the scaling factor.
+
+TensorRT's ONNX parsers accept UINT8 only on network inputs and outputs, so every transpose runs on floats: the
+decoder ends ``Round -> Transpose -> Cast(UINT8) -> image`` and the encoder starts ``image -> Cast -> Transpose``
+(``sdtrt.export.trt_rules`` refuses any other placement at export).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ class VaeDecoderGraph(torch.nn.Module):
     def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
         finite = torch.isfinite(image).flatten(1).all(1)  # (B,)
-        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round()
-        return image.to(torch.uint8).permute(0, 2, 3, 1), finite
+        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1)  # (B, H, W, 3) float
+        # Cast last: its output is the graph output, the only place TensorRT allows a UINT8 tensor.
+        return image.to(torch.uint8), finite
 
 
 class VaeEncoderGraph(torch.nn.Module):
@@ -43,7 +48,8 @@ class VaeEncoderGraph(torch.nn.Module):
         self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.permute(0, 3, 1, 2).float() / 255.0
+        # Cast first: its input is the graph input, the only place TensorRT allows a UINT8 tensor.
+        x = image.float().permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W)
         x = 2.0 * x - 1.0  # diffusers' VaeImageProcessor.normalize
         dist = self.vae.encode(x, return_dict=False)[0]
         return dist.mean * self.scaling_factor, dist.std * self.scaling_factor
