@@ -10,7 +10,8 @@ import torch
 
 from sdtrt.errors import UsageError
 from sdtrt.runtime.pipeline import NonFiniteError, Pipeline
-from sdtrt.runtime.png import read_parameters, save_png
+from sdtrt.runtime.png import save_png
+from tests.a1111_infotext import parse_generation_parameters
 
 PROMPT = "a photo of a cat"
 
@@ -182,18 +183,73 @@ def test_timings_and_infotext(pipes):
     r = pipes["onnxruntime-fp32"](PROMPT, negative_prompt="ugly", num_inference_steps=2, seed=7,
                                   scheduler="dpmpp_2m_karras", guidance_scale=5)
     assert set(r.timings) == {"text_encoder", "denoise", "vae_decoder", "total"}
-    assert all(v >= 0 for v in r.timings.values())
+    # the stages are consecutive spans of one clock: they add up to the total
+    stages = r.timings["text_encoder"] + r.timings["denoise"] + r.timings["vae_decoder"]
+    assert r.timings["total"] == pytest.approx(stages, rel=1e-9, abs=1e-9)
     assert r.infotexts[0].splitlines()[:2] == [PROMPT, "Negative prompt: ugly"]
     assert "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 7, Size: 64x64" in r.infotexts[0]
 
 
-def test_png_parameters_round_trip(pipes, tmp_path):
-    r = pipes["onnxruntime-fp32"](PROMPT, num_inference_steps=1, seed=0)
-    path = save_png(r.images[0], tmp_path / "a.png", r.infotexts[0])
-    assert read_parameters(path) == r.infotexts[0]
+def _expected_parameters(pipe: Pipeline, **request) -> dict[str, str]:
+    """What A1111 must read back from an image made with ``request`` (the keys it takes into its UI)."""
+    expected = {
+        "Prompt": request["prompt"],
+        "Negative prompt": request.get("negative_prompt", ""),
+        "Steps": str(request["steps"]),
+        "Sampler": request["sampler"],
+        "CFG scale": request["cfg"],
+        "Seed": str(request["seed"]),
+        "Size-1": str(request["width"]),  # A1111: Size-1 is the width, Size-2 the height
+        "Size-2": str(request["height"]),
+        "Model": pipe.model_name,
+        "Clip skip": str(request.get("clip_skip", 1)),
+    }
+    if "strength" in request:
+        expected["Denoising strength"] = request["strength"]
+    return expected
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        dict(prompt="a tall tower", negative_prompt="fog, rain", steps=1, sampler="Euler a", scheduler="euler_a",
+             cfg="5.5", guidance=5.5, seed=11, width=48, height=64, clip_skip=2),
+        dict(prompt="a wide field", steps=2, sampler="DDIM", scheduler="ddim", cfg="7", guidance=7, seed=3,
+             width=72, height=56, clip_skip=1, batch=2),
+    ],
+    ids=["portrait-clip-skip-2", "landscape-batch"],
+)
+def test_infotext_reads_back_as_the_request_in_a1111(pipes, request_):
+    pipe = pipes["onnxruntime-fp32"]
+    r = pipe(request_["prompt"], negative_prompt=request_.get("negative_prompt", ""),
+             num_inference_steps=request_["steps"], scheduler=request_["scheduler"], guidance_scale=request_["guidance"],
+             seed=request_["seed"], width=request_["width"], height=request_["height"],
+             clip_skip=request_["clip_skip"], num_images_per_prompt=request_.get("batch", 1))
+    assert r.images[0].size == (request_["width"], request_["height"])  # PIL: (W, H)
+    expected = _expected_parameters(pipe, **request_)
+    for pos, text in enumerate(r.infotexts):
+        parsed = parse_generation_parameters(text)
+        assert {k: parsed.get(k) for k in expected} == expected, text
+        if request_.get("batch", 1) > 1:
+            assert (parsed["Batch size"], parsed["Batch pos"]) == (str(request_["batch"]), str(pos))
+    if request_["clip_skip"] != 1:  # written out, not left to the reader's default
+        assert f"Clip skip: {request_['clip_skip']}" in r.infotexts[0]
+
+
+def test_png_parameters_are_the_requests_settings(pipes, tmp_path):
     from PIL import Image
 
-    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(r.images[0]))
+    r = pipes["onnxruntime-fp32"](PROMPT, negative_prompt="dull", num_inference_steps=1, seed=5, scheduler="euler",
+                                  guidance_scale=6, width=56, height=48, clip_skip=2)
+    path = save_png(r.images[0], tmp_path / "a.png", r.infotexts[0])
+    with Image.open(path) as im:  # the tEXt chunk as any PNG reader sees it, not through sdtrt.runtime.png
+        assert im.format == "PNG" and im.size == (56, 48)
+        text = im.text["parameters"]
+        assert np.array_equal(np.asarray(im), np.asarray(r.images[0]))
+    parsed = parse_generation_parameters(text)
+    expected = _expected_parameters(pipes["onnxruntime-fp32"], prompt=PROMPT, negative_prompt="dull", steps=1,
+                                    sampler="Euler", cfg="6", seed=5, width=56, height=48, clip_skip=2)
+    assert {k: parsed.get(k) for k in expected} == expected, text
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary left
 
 
@@ -244,9 +300,30 @@ def test_bad_requests(pipes, kwargs, message):
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipes, caplog):
-    with caplog.at_level("WARNING"):
-        pipes["onnxruntime-fp32"](" ".join(["cat"] * 200), num_inference_steps=1)
+    pipe = pipes["onnxruntime-fp32"]
+    prompt = " ".join(["dog"] * 200)  # a prompt no other test embeds: the text encoder must run
+    fed = []
+    run = pipe._text.run
+    pipe._text.run = lambda: (fed.append(pipe._text.inputs["input_ids"].clone()), run())[1]
+    try:
+        with caplog.at_level("WARNING"):
+            pipe(prompt, num_inference_steps=1, guidance_scale=1.0)
+    finally:
+        pipe._text.run = run
     assert "truncated to 77" in caplog.text
+    # exactly what diffusers feeds: the tokenizer's max_length truncation, which keeps bos ... eos
+    want = pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert [ids.flatten().tolist() for ids in fed] == [want]
+    assert want[-1] == pipe.tokenizer.eos_token_id
+
+
+def test_clip_skip_is_part_of_the_text_cache_key(reference, pipes):
+    """Alone, in a fresh pipeline: the last-layer embedding of a prompt must not answer for its clip-skip-2 one."""
+    pipe = Pipeline.load(pipes["onnxruntime-fp32"].workdir, backend="onnxruntime")  # an empty text cache
+    pipe(PROMPT, num_inference_steps=1, seed=0, scheduler="ddim", clip_skip=1)  # caches PROMPT and "" at layer -1
+    got = _images(pipe(PROMPT, num_inference_steps=6, seed=0, scheduler="ddim", clip_skip=2))
+    worst, mean = _levels(got, reference("ddim", clip_skip=2))
+    assert worst <= 2 and mean < 0.05, (worst, mean)
 
 
 def test_runner_buffers_are_kept_per_shape(pipes):
@@ -286,18 +363,19 @@ def test_img2img_parity_with_diffusers(tiny_sd1_dir, pipes, init_image, schedule
     ref_pipe.set_progress_bar_config(disable=True)
     cls, overrides = DIFFUSERS_SCHEDULERS[scheduler]
     ref_pipe.scheduler = getattr(diffusers, cls).from_config({**ref_pipe.scheduler.config, **overrides})
-    ref = ref_pipe(PROMPT, image=init_image, strength=0.6, num_inference_steps=10, num_images_per_prompt=batch,
+    # 10 * 0.75 = 7.5: diffusers runs int(7.5) = 7 steps; a rounded start index would run 8
+    ref = ref_pipe(PROMPT, image=init_image, strength=0.75, num_inference_steps=10, num_images_per_prompt=batch,
                    generator=torch.Generator().manual_seed(4), output_type="np").images
     ref = (ref * 255).round().astype(np.uint8)
-    result = pipes["onnxruntime-fp32"](PROMPT, image=init_image, strength=0.6, num_inference_steps=10, seed=4,
+    result = pipes["onnxruntime-fp32"](PROMPT, image=init_image, strength=0.75, num_inference_steps=10, seed=4,
                                        scheduler=scheduler, num_images_per_prompt=batch)
     got = _images(result)
     assert got.shape == ref.shape == (batch, 64, 64, 3)
     worst, mean = _levels(got, ref)
     assert worst <= 2 and mean < 0.05, (worst, mean)
-    assert "Denoising strength: 0.6" in result.infotexts[0]
+    assert "Denoising strength: 0.75" in result.infotexts[0]
     # the image matters: another init image gives another result
-    other = _images(pipes["onnxruntime-fp32"](PROMPT, image=np.zeros((64, 64, 3), np.uint8), strength=0.6,
+    other = _images(pipes["onnxruntime-fp32"](PROMPT, image=np.zeros((64, 64, 3), np.uint8), strength=0.75,
                                               num_inference_steps=10, seed=4, scheduler=scheduler))
     assert _levels(other, got[:1])[1] > 0.1
 
@@ -307,6 +385,7 @@ def test_img2img_parity_with_diffusers(tiny_sd1_dir, pipes, init_image, schedule
     [
         ({"scheduler": "dpmpp_2m"}, "img2img supports the schedulers ddim, euler, euler_a, lcm for now"),
         ({"strength": 0.05, "num_inference_steps": 10}, "leaves no step to run"),
+        ({"strength": 0.09, "num_inference_steps": 10}, "leaves no step to run"),  # int(0.9) = 0; round would run 1
         ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
     ],
 )

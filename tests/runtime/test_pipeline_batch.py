@@ -77,6 +77,10 @@ def test_check_rows_and_max_rows_follow_the_engine_profile(pipe):
     assert pipe.max_rows(req, 8) == 2
     assert pipe.max_rows(pipe.validate(G("a", steps=2, guidance=1.0)), 8) == 4  # no CFG: B rows, not 2B
     assert pipe.max_rows(req, 1) == 1
+    # the limit itself, when the engine runs it (the search starts at the limit, not one below)
+    assert pipe.max_rows(req, 2) == 2
+    assert pipe.max_rows(pipe.validate(G("a", steps=2, guidance=1.0)), 4) == 4
+    assert pipe.max_rows(pipe.validate(G("a", steps=2, guidance=1.0)), 3) == 3
     with pytest.raises(ShapeError, match=r"the unet engine cannot run this shape: .*2B = 6"):
         pipe.validate(G("a", steps=2, batch=3))
     with pytest.raises(ShapeError, match="the unet engine cannot run this shape"):
@@ -94,3 +98,10 @@ def test_the_loop_cache_is_bounded_and_frees_buffers(pipe, monkeypatch):
     again = pixels(pipe.generate(G("a", seed=5, steps=3, height=64, width=64)))  # rebuilt, same image
     assert np.array_equal(first[0], again[0])
     assert [k.height for k in pipe._loops] == [72, 64]
+
+
+def test_max_rows_without_an_engine_limit(pipe):
+    req = pipe.validate(G("a", steps=2, batch=3))
+    assert pipe.max_rows(req, 5) == 5
+    assert pipe.max_rows(req, 3) == 3
+    assert pipe.max_rows(req, 1000) == 64  # MAX_BATCH
