@@ -44,6 +44,20 @@ if not STUB.is_file():
     pytest.skip(f"nvidia-pytriton has no Python backend stub for Python {sys.version_info[0]}.{sys.version_info[1]}",
                 allow_module_level=True)
 
+
+def _missing_libraries(binary: Path) -> list[str]:
+    """Shared libraries ``binary`` needs that the loader cannot find (the stub embeds the system's libpython)."""
+    try:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []  # no ldd: let the server say it
+    return [line.split()[0] for line in out.splitlines() if "not found" in line]
+
+
+if missing := _missing_libraries(STUB):
+    pytest.skip(f"the Python backend stub needs {', '.join(missing)} (e.g. apt-get install "
+                f"libpython{sys.version_info[0]}.{sys.version_info[1]})", allow_module_level=True)
+
 log = logging.getLogger(__name__)
 MODEL, PROBE = "sdtrt", "pb_utils_probe"
 MAX_BATCH = 4
@@ -164,6 +178,22 @@ def _backend_dir(root: Path) -> Path:
     return root / "backends"
 
 
+def _server_env() -> dict[str, str]:
+    """The environment for tritonserver: without the directories on PATH whose ``python3`` is this (virtualenv's)
+    interpreter. The stub's embedded Python takes its standard library from the ``python3`` it finds on PATH, and
+    another CPython build's fails to load (``_ssl ... undefined symbol``); the venv's packages come through
+    --python-path instead."""
+    ours = Path(sys.executable).resolve()
+    names = ("python3", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+
+    def leads_here(directory: str) -> bool:
+        return any((Path(directory) / n).exists() and (Path(directory) / n).resolve() == ours for n in names)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not leads_here(d))
+    return env
+
+
 def _wait_ready(server: Server) -> None:
     deadline = time.monotonic() + READY_WITHIN_S
     while time.monotonic() < deadline:
@@ -208,7 +238,7 @@ def server(sd1_workdir_fp32, tmp_path_factory, request, shm_before):
     with open(log_file, "wb") as out:
         # its own session: the stubs it starts can be found (and, if need be, ended) by the server's PID
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   env=_server_env(), start_new_session=True)
     server = Server(process, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_file)
     try:
         _wait_ready(server)
