@@ -330,3 +330,70 @@ def test_torch_backend_loads_a_single_file_source_like_the_export(capsys, single
                        "-q", "-o", str(tmp_path / "out.png"))
     assert code == 0, err
     assert (tmp_path / "out.png").is_file()
+
+
+# -- exit codes: 0 ok, 2 an SdtrtError (the user's to fix), 1 a bug, 130 Ctrl-C -------------------------------------
+def test_an_internal_error_is_exit_1_not_a_usage_error(capsys, monkeypatch, tmp_path):
+    from sdtrt import cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(cli.COMMANDS, "check", broken)
+    code, out, err = run(capsys, "check", str(tmp_path))
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["sdtrt: internal error: RuntimeError: boom (run again with --debug for the traceback)"]
+    assert out == ""
+    with pytest.raises(RuntimeError, match="boom"):  # --debug: the traceback, not a line
+        main(["check", str(tmp_path), "--debug"])
+
+
+def _fake_check(monkeypatch, passed: bool) -> None:
+    from types import SimpleNamespace
+
+    import sdtrt.engines.check as check
+
+    failures = [] if passed else [("unet", SimpleNamespace(name="latent"))]
+    report = SimpleNamespace(passed=passed, failures=failures, components=())
+    monkeypatch.setattr(check, "check_engines", lambda workdir, **kw: report)
+    monkeypatch.setattr(check, "format_report", lambda r: "REPORT")
+
+
+def test_a_failing_check_exits_non_zero(capsys, monkeypatch, tmp_path):
+    _fake_check(monkeypatch, passed=False)
+    code, out, err = run(capsys, "check", str(tmp_path))
+    assert code == 2  # an EngineError: the engines are wrong, not the program
+    assert out.strip() == "REPORT"
+    assert "1 output(s) exceed their tolerance" in one_error_line(err)
+
+
+def test_a_passing_check_exits_0(capsys, monkeypatch, tmp_path):
+    _fake_check(monkeypatch, passed=True)
+    code, out, err = run(capsys, "check", str(tmp_path))
+    assert (code, out.strip(), err) == (0, "REPORT", "")
+
+
+def test_ctrl_c_exits_130(tmp_path):
+    """A real SIGINT to a real process, while a command runs: exit status 130, one line, no traceback."""
+    import signal
+
+    script = (
+        "import sys, time\n"
+        "from sdtrt import cli\n"
+        "def waits(args):\n"
+        "    print('running', flush=True)\n"
+        "    time.sleep(120)\n"
+        "cli.COMMANDS['check'] = waits\n"
+        f"sys.exit(cli.main(['check', {str(tmp_path)!r}]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert [line for line in err.splitlines() if line.strip()] == ["sdtrt: interrupted"]
