@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-stale", action="store_true",
                    help="rebuild only stale engines, each with its recorded settings")
     p.add_argument("--components", default=None, metavar="LIST", help="comma-separated (default: every exported one)")
+    p.add_argument("--tensorrt", choices=("auto", "tensorrt", "rtx"), default="auto",
+                   help="TensorRT (any NVIDIA GPU) or TensorRT-RTX (RTX GPUs; builds ahead of time without a GPU); "
+                        "auto: TensorRT when installed, else TensorRT-RTX")
+    p.add_argument("--target", default=None, metavar="LIST",
+                   help="TensorRT-RTX only: compute capabilities to build for, comma-separated, of sm75, sm80, sm86, "
+                        "sm89, sm120, sm121 (default: the visible GPU's)")
 
     p = sub.add_parser("check", help="compare each TensorRT engine with ONNX Runtime on random inputs")
     _common(p)
@@ -304,9 +310,10 @@ def _cmd_build(args: argparse.Namespace) -> None:
         profile=ProfileSpec(static=not args.dynamic, batch=args.batch, height=args.height, width=args.width,
                             max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side),
         opt_level=args.opt_level, workspace_mib=args.workspace, refit=args.refit, tf32=not args.no_tf32,
-        rebuild_stale=args.rebuild_stale,
+        rebuild_stale=args.rebuild_stale, tensorrt=args.tensorrt, targets=_components_arg(args.target) or (),
     )
-    built = build_engines(args.workdir, spec, components=_components_arg(args.components), progress=not args.quiet)
+    built = build_engines(args.workdir, spec, components=_components_arg(args.components), progress=not args.quiet,
+                          announce=None if args.quiet else print)
     if not args.quiet:
         for path in built:
             print(f"built {path}")

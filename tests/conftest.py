@@ -48,3 +48,9 @@ def sd1_workdir_fp16(tiny_sd1_dir: Path, tmp_path_factory: pytest.TempPathFactor
 def sd2_workdir_fp32(tiny_sd2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-sd2 (v-prediction) exported in fp32, made once per session; read-only for tests."""
     return _export(tiny_sd2_dir, tmp_path_factory.mktemp("wd") / "sd2-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def sd2_workdir_fp16(tiny_sd2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-sd2 (v-prediction) exported in fp16, made once per session; read-only for tests."""
+    return _export(tiny_sd2_dir, tmp_path_factory.mktemp("wd") / "sd2-fp16", "fp16")

@@ -11,6 +11,7 @@ engines built with ``--no-tf32`` are held to the fp32 rows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class ComponentCheck:
 @dataclass(frozen=True)
 class CheckReport:
     workdir: str
-    tensorrt_version: str
+    tensorrt: str  # flavour and version, e.g. "TensorRT-RTX 1.7.1.116"
     gpu: str
     seed: int
     components: tuple[ComponentCheck, ...]
@@ -114,13 +115,17 @@ def compare_outputs(entry: Mapping, got: Mapping[str, np.ndarray], want: Mapping
 
 
 def _run(runner: Any, dims: Mapping[str, int], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    runner.activate(dims)
-    for name, arr in feeds.items():
-        runner.inputs[name].copy_(torch.from_numpy(arr))
-    runner.run()
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize(runner.device)
-    return {name: t.cpu().numpy().copy() for name, t in runner.outputs.items()}
+    """One run on a stream of its own on CUDA (the legacy default stream synchronises with every other stream,
+    which TensorRT warns about and CUDA graphs refuse), as the pipeline runs engines."""
+    cuda = runner.device.type == "cuda"
+    with torch.cuda.stream(torch.cuda.Stream(runner.device)) if cuda else contextlib.nullcontext():
+        runner.activate(dims)
+        for name, arr in feeds.items():
+            runner.inputs[name].copy_(torch.from_numpy(arr))
+        runner.run()
+        if cuda:
+            torch.cuda.current_stream(runner.device).synchronize()
+        return {name: t.cpu().numpy().copy() for name, t in runner.outputs.items()}
 
 
 def _vocab_size(workdir: Path) -> int:
@@ -154,16 +159,13 @@ def check_engines(workdir: str | Path, *, seed: int = 0, components: Iterable[st
         row = tolerance_row(entry["precision"], sidecar.get("flags", []))
         results.append(ComponentCheck(name, entry["precision"], row, dims, compare_outputs(entry, got, want, row)))
         log.info("checked %s at %s", name, dims)
-    any_sidecar = read_sidecar(workdir, names[0]) if names else {}
-    gpu = any_sidecar.get("gpu", {})
-    return CheckReport(str(workdir), str(any_sidecar.get("tensorrt_version", "?")),
-                       f"{gpu.get('name', '?')} (compute capability {gpu.get('compute_capability', '?')})",
-                       seed, tuple(results))
+    env = trt.flavour.environment()
+    return CheckReport(str(workdir), trt.flavour.label(), env.gpu_text(), seed, tuple(results))
 
 
 def format_report(report: CheckReport) -> str:
     """Per-output error statistics against tolerances, one line each, for ``sdtrt check``."""
-    lines = [f"{report.workdir}: TensorRT {report.tensorrt_version} on {report.gpu} vs ONNX Runtime (CPU), seed {report.seed}"]
+    lines = [f"{report.workdir}: {report.tensorrt} on {report.gpu} vs ONNX Runtime (CPU), seed {report.seed}"]
     for c in report.components:
         dims = ", ".join(f"{k}={v}" for k, v in c.dims.items())
         lines.append(f"  {c.component} ({c.precision} graph, {c.tolerances} tolerances) at {dims}")

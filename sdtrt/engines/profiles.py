@@ -114,24 +114,35 @@ class BuildSpec:
     refit: bool = False  # refittable engines (new weights without a rebuild)
     tf32: bool = True  # TensorRT's default: fp32 layers may use TF32 tensor cores
     rebuild_stale: bool = False
+    tensorrt: str = "auto"  # the flavour: auto | tensorrt | rtx (resolved before a build: compat.flavour)
+    targets: tuple[str, ...] = ()  # TensorRT-RTX compute capabilities ("sm89", ...); empty: the visible GPU's
 
     def __post_init__(self) -> None:
         _check_int("opt_level", self.opt_level, 0, 5)
         if self.workspace_mib is not None:
             _check_int("workspace", self.workspace_mib, 1, 1 << 30)
+        if self.tensorrt not in ("auto", "tensorrt", "rtx"):
+            raise UsageError(f"unknown --tensorrt {self.tensorrt!r}; choose one of auto, tensorrt, rtx")
+        if not isinstance(self.targets, tuple):
+            raise UsageError(f"targets must be a tuple of compute capability names, got {self.targets!r}")
 
     def settings(self) -> dict[str, Any]:
         """What a sidecar records and a later build compares (``rebuild_stale`` is how to build, not what)."""
         return {"profile": asdict(self.profile), "opt_level": self.opt_level, "workspace_mib": self.workspace_mib,
-                "refit": self.refit, "tf32": self.tf32}
+                "refit": self.refit, "tf32": self.tf32, "tensorrt": self.tensorrt, "targets": list(self.targets)}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> BuildSpec:
         return cls(profile=ProfileSpec(**settings["profile"]), opt_level=settings["opt_level"],
-                   workspace_mib=settings["workspace_mib"], refit=settings["refit"], tf32=settings["tf32"])
+                   workspace_mib=settings["workspace_mib"], refit=settings["refit"], tf32=settings["tf32"],
+                   tensorrt=settings["tensorrt"], targets=tuple(settings["targets"]))
 
     def cli_args(self) -> list[str]:
         args = self.profile.cli_args()
+        if self.tensorrt != "auto":
+            args += ["--tensorrt", self.tensorrt]
+        if self.targets:
+            args += ["--target", ",".join(self.targets)]
         if self.opt_level != DEFAULT_OPT_LEVEL:
             args += ["--opt-level", str(self.opt_level)]
         if self.workspace_mib is not None:

@@ -1,9 +1,11 @@
 """Engine files and their JSON sidecars: ``WORKDIR/engines/<component>.plan`` + ``<component>.json``.
 
-A sidecar says what made its plan: the ONNX files (sha256, from the manifest), the TensorRT version, the GPU and
-its compute capability, the build settings and profile, flags, build time and the plan's own sha256. A plan is only
-loaded when its sidecar matches this machine, this export and the plan's bytes; otherwise it is refused with the
-exact ``sdtrt build`` command that makes a fresh one. The plan is written first and the sidecar last (each
+A sidecar says what made its plan: the ONNX files (sha256, from the manifest), the TensorRT flavour (TensorRT or
+TensorRT-RTX), its version and the compute capabilities built for, the GPU it was built on (none for TensorRT-RTX's
+ahead-of-time builds), the build settings and profile, flags, build time and the plan's own sha256. A plan is only
+loaded when its sidecar matches this machine (the flavour's rules: ``compat.Flavour.mismatch``), this export and the
+plan's bytes; otherwise it is refused with the exact ``sdtrt build`` command that makes a fresh one. A plan of one
+flavour is never handed to the other. The plan is written first and the sidecar last (each
 atomically, the old sidecar removed before), so an interrupted write leaves a plan without sidecar: never trusted.
 """
 
@@ -14,16 +16,16 @@ import hashlib
 import json
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdtrt.engines import compat
+from sdtrt.engines.compat import Environment
 from sdtrt.engines.profiles import BuildSpec
 from sdtrt.errors import EngineError, UsageError
 from sdtrt.fsutil import atomic_path, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the flavour and its targets (TensorRT-RTX)
 ENGINES_DIR = "engines"
 TIMING_CACHE = "timing.cache"
 
@@ -44,27 +46,9 @@ def timing_cache_path(workdir: str | Path) -> Path:
     return engines_dir(workdir) / TIMING_CACHE
 
 
-@dataclass(frozen=True)
-class Environment:
-    """What an engine is specific to: the TensorRT version and the GPU."""
-
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str  # "8.9"
-
-    def gpu_text(self) -> str:
-        return f"{self.gpu_name} (compute capability {self.compute_capability})"
-
-
-def current_environment(device: Any = None) -> Environment:
-    """This process's TensorRT and GPU; ``EngineError`` when either is missing."""
-    import torch
-
-    trt_version = compat.version()
-    if not torch.cuda.is_available():
-        raise EngineError("no CUDA GPU is visible: TensorRT engines are built and run on an NVIDIA GPU")
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
-    return Environment(trt_version, props.name, f"{props.major}.{props.minor}")
+def current_environment(flavour: compat.Flavour, device: Any = None) -> Environment:
+    """This process's TensorRT flavour and GPU (None without one; TensorRT proper requires one)."""
+    return flavour.environment(device)
 
 
 def onnx_files(entry: Mapping) -> list[dict[str, str]]:
@@ -73,14 +57,15 @@ def onnx_files(entry: Mapping) -> list[dict[str, str]]:
 
 
 def make_sidecar(component: str, entry: Mapping, spec: BuildSpec, env: Environment, *, profile: Mapping,
-                 input_shapes: Mapping, flags: list[str], build_seconds: float) -> dict[str, Any]:
+                 input_shapes: Mapping, flags: list[str], build_seconds: float,
+                 phases: list[str] | None = None) -> dict[str, Any]:
     """A sidecar without its ``plan`` field (``write_engine`` adds it from the bytes it writes)."""
     return {
         "format_version": FORMAT_VERSION,
         "component": component,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tensorrt_version": env.tensorrt_version,
-        "gpu": {"name": env.gpu_name, "compute_capability": env.compute_capability},
+        "tensorrt": {"flavour": env.flavour, "version": env.version, "targets": list(spec.targets)},
+        "gpu": None if env.gpu_name is None else {"name": env.gpu_name, "compute_capability": env.compute_capability},
         "onnx": onnx_files(entry),
         "precision": entry["precision"],
         "build": spec.settings(),
@@ -88,6 +73,7 @@ def make_sidecar(component: str, entry: Mapping, spec: BuildSpec, env: Environme
         "input_shapes": {k: [list(s) for s in v] for k, v in input_shapes.items()},
         "flags": list(flags),
         "build_seconds": round(float(build_seconds), 3),
+        "build_phases": list(phases or []),  # what the builder's progress monitor reported
     }
 
 
@@ -141,13 +127,10 @@ def stale_reason(sidecar: Mapping[str, Any], *, component: str, manifest: Mappin
     entry = manifest.get("components", {}).get(component)
     if entry is None:
         return f"the workdir's manifest has no {component} graph any more (re-exported without it)"
-    if sidecar.get("tensorrt_version") != env.tensorrt_version:
-        return (f"the {component} engine was built with TensorRT {sidecar.get('tensorrt_version')}, this is "
-                f"TensorRT {env.tensorrt_version} (a plan only loads in the TensorRT version that built it)")
-    gpu = sidecar.get("gpu", {})
-    if (gpu.get("name"), gpu.get("compute_capability")) != (env.gpu_name, env.compute_capability):
-        return (f"the {component} engine was built for {gpu.get('name')} (compute capability "
-                f"{gpu.get('compute_capability')}), this GPU is {env.gpu_text()}")
+    record = {**(sidecar.get("tensorrt") or {}), "gpu": sidecar.get("gpu")}
+    problem = compat.flavour(env.flavour).mismatch(record, env)
+    if problem is not None:
+        return f"the {component} engine cannot run here: {problem}"
     built, now = sidecar.get("onnx", []), onnx_files(entry)
     if built != now:
         was = {f["path"]: f["sha256"] for f in built}

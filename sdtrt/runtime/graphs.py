@@ -45,7 +45,8 @@ class LoopGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            with torch.cuda.graph(self.graph, stream=stream):
+            # thread_local: a server captures on its worker thread while other threads (HTTP, logging) run CUDA calls
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
                 loop()
         torch.cuda.current_stream().wait_stream(stream)
         log.info("captured denoising loop for %s", key)

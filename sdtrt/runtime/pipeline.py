@@ -70,7 +70,7 @@ class _LoopState:
     history: torch.Tensor | None
     guidance: torch.Tensor  # () float32
     graph: LoopGraph | None = None
-    capture_failed: bool = False  # out of memory at capture: this key stays eager
+    capture_failed: bool = False  # capture failed once (out of memory, an uncapturable enqueue): this key stays eager
 
 
 class Pipeline:
@@ -417,16 +417,17 @@ class Pipeline:
             st.x.copy_(sched.step(tables, i, st.x, eps, st.history, noises[i]))
 
     def _capture(self, st: _LoopState) -> LoopGraph | None:
+        """The loop of ``st`` captured into a CUDA graph, or None: a capture that fails (out of memory, an engine
+        whose enqueue cannot be captured, kernels that refuse capture) leaves this key eager for good, as trtexec
+        falls back; the request itself already ran eagerly and keeps its result, and other keys still capture."""
         buffers = [st.x, st.noise, st.guidance, *self._unet.inputs.values(), *self._unet.outputs.values()]
         if st.history is not None:
             buffers.append(st.history)
         try:
             return LoopGraph(st.key, lambda: self._run_loop(st), buffers)
-        except torch.cuda.OutOfMemoryError:  # this key stays eager; smaller ones still get graphs
+        except torch.cuda.OutOfMemoryError:
             log.warning("out of GPU memory capturing the loop for %s; running it eagerly", st.key)
-            st.capture_failed = True
-            return None
-        except RuntimeError as e:  # explicit fallback: this backend's kernels could not be captured
-            log.warning("CUDA graph capture failed for %s (%s); running the loop eagerly", st.key, e)
-            self.use_cuda_graph = False
-            return None
+        except (SdtrtError, RuntimeError) as e:
+            log.warning("CUDA graph capture failed for %s (%s); running that loop eagerly", st.key, e)
+        st.capture_failed = True
+        return None

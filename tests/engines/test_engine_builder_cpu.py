@@ -4,12 +4,15 @@ fakes that record them, and every error message."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import shutil
 import sys
 import types
 
 import pytest
 from engine_manifests import sd15_manifest
+from tqdm.auto import tqdm
 
 from sdtrt.engines import builder, compat
 from sdtrt.engines.builder import PlannedBuild, plan_builds, select_components
@@ -18,14 +21,18 @@ from sdtrt.engines.sidecar import Environment, engine_path, make_sidecar, sideca
 from sdtrt.errors import EngineError, UsageError
 
 M = sd15_manifest()
-ENV = Environment("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+ENV = Environment("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 SPEC = BuildSpec(profile=ProfileSpec().resolved(512))
 
 
 @pytest.fixture
 def no_tensorrt(monkeypatch):
-    monkeypatch.setattr(compat, "_trt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+    """Neither flavour importable (``import tensorrt`` / ``import tensorrt_rtx`` raise ImportError)."""
+    for name in ("tensorrt", "rtx"):
+        monkeypatch.setattr(compat.flavour(name), "_module", None)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    monkeypatch.setattr(compat.importlib.util, "find_spec", lambda name: None)
 
 
 def _fake_trt(version: str) -> types.ModuleType:
@@ -38,27 +45,80 @@ def _fake_trt(version: str) -> types.ModuleType:
     return trt
 
 
+def _with_module(monkeypatch, flavour: str, module) -> compat.Flavour:
+    f = compat.flavour(flavour)
+    monkeypatch.setattr(f, "_module", None)
+    monkeypatch.setitem(sys.modules, f.module_name, module)
+    return f
+
+
 # -- compat ---------------------------------------------------------------------------------------------------------
-def test_missing_tensorrt_message(no_tensorrt):
+def test_missing_flavour_messages(no_tensorrt):
     with pytest.raises(EngineError) as e:
-        compat.tensorrt()
-    assert str(e.value).startswith(
-        "TensorRT is not installed: pip install 'sdtrt[tensorrt]' on a machine with an NVIDIA GPU (")
+        compat.flavour("tensorrt").module()
+    assert str(e.value).startswith("TensorRT is not installed: pip install 'sdtrt[tensorrt]' (")
+    with pytest.raises(EngineError) as e:
+        compat.flavour("rtx").module()
+    assert str(e.value).startswith("TensorRT-RTX is not installed: pip install 'sdtrt[tensorrt-rtx]' (")
+    with pytest.raises(EngineError, match=r"^neither TensorRT nor TensorRT-RTX is installed: pip install "
+                                          r"'sdtrt\[tensorrt\]' \(any NVIDIA GPU\) or 'sdtrt\[tensorrt-rtx\]'"):
+        compat.flavour("auto")
 
 
-def test_old_tensorrt_is_refused(monkeypatch):
-    monkeypatch.setattr(compat, "_trt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt("8.6.1"))
+def test_auto_prefers_tensorrt_then_tensorrt_rtx(monkeypatch):
+    installed = {"tensorrt_rtx"}
+    monkeypatch.setattr(compat.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert compat.flavour("auto").name == "rtx"
+    installed.add("tensorrt")
+    assert compat.flavour("auto").name == "tensorrt"
+    with pytest.raises(UsageError, match="unknown --tensorrt 'trt'; choose one of auto, tensorrt, rtx"):
+        compat.flavour("trt")
+
+
+def test_old_versions_are_refused(monkeypatch):
+    _with_module(monkeypatch, "tensorrt", _fake_trt("8.6.1"))
     with pytest.raises(EngineError, match=r"^TensorRT 8\.6\.1 is too old: sdtrt needs TensorRT 10\.12 or newer"):
-        compat.tensorrt()
+        compat.flavour("tensorrt").module()
+    _with_module(monkeypatch, "rtx", _fake_trt("1.0.0.21"))
+    with pytest.raises(EngineError, match=r"^TensorRT-RTX 1\.0\.0\.21 is too old: sdtrt needs TensorRT-RTX 1\.7 or newer"):
+        compat.flavour("rtx").module()
 
 
 @pytest.mark.parametrize(("version", "flags"), [("10.12.0.36", 1), ("10.13.0.35", 1), ("11.1.0.9", 0)])
 def test_strongly_typed_flag_by_version(monkeypatch, version, flags):
-    monkeypatch.setattr(compat, "_trt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(version))
-    assert compat.version() == version
-    assert compat.network_flags() == flags  # 10.x: 1 << STRONGLY_TYPED; 11.x: always strongly typed
+    f = _with_module(monkeypatch, "tensorrt", _fake_trt(version))
+    assert f.version() == version
+    assert f.network_flags() == flags  # 10.x: 1 << STRONGLY_TYPED; 11.x: always strongly typed
+
+
+def test_tensorrt_rtx_is_always_strongly_typed():
+    rtx = compat.flavour("rtx")
+    assert rtx.network_flags() == 0
+    assert "STRONGLY_TYPED" in rtx.module().NetworkDefinitionCreationFlag.__members__  # kept, deprecated, ignored
+
+
+NO_GPU = compat.Environment("rtx", "1.7.1.116", None, None)
+
+
+def test_targets_are_checked_per_flavour():
+    rtx, trt = compat.TensorRTRTX(), compat.TensorRT()
+    assert rtx.resolve_targets(("sm89", "sm120", "sm89"), NO_GPU) == ("sm89", "sm120")
+    with pytest.raises(UsageError, match="unknown --target sm90; TensorRT-RTX builds for sm75, sm80, sm86, sm89, sm120, "
+                                         "sm121"):
+        rtx.check_targets(("sm89", "sm90"))
+    with pytest.raises(UsageError, match=r"^no GPU is visible: say which GPUs to build for with --target \(e\.g\. "
+                                         r"--target sm89 for Ada"):
+        rtx.resolve_targets((), NO_GPU)
+    ada = compat.Environment("rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", "8.9")
+    assert rtx.resolve_targets((), ada) == ("sm89",)  # the visible GPU's
+    h100 = compat.Environment("rtx", "1.7.1.116", "NVIDIA H100 80GB HBM3", "9.0")
+    with pytest.raises(EngineError, match=r"^TensorRT-RTX does not run on NVIDIA H100 80GB HBM3 \(compute capability "
+                                          r"9\.0\).*use TensorRT \(pip install 'sdtrt\[tensorrt\]'"):
+        rtx.resolve_targets((), h100)
+    with pytest.raises(UsageError, match="--target is for TensorRT-RTX"):
+        trt.check_targets(("sm89",))
+    trt.check_targets(())
+    assert trt.resolve_targets((), h100) == ()
 
 
 def test_version_tuple():
@@ -76,6 +136,9 @@ def test_out_of_memory_parsing():
     assert compat.out_of_memory([(logging.ERROR, "Could not find any implementation for node X")]) == (False, None)
     assert compat.out_of_memory([(logging.ERROR, "autotuning: User allocator error allocating 15485030400-byte buffer")]) \
         == (True, 15485030400)
+    # TensorRT-RTX, building ahead of time on a CPU machine
+    assert compat.out_of_memory([(logging.ERROR, "[localCheckMacros.cpp::getErrorStr::132] Error Code 2: OutOfMemory "
+                                                 "(Requested size was 68723824008 bytes.)")]) == (True, 68723824008)
 
 
 def test_build_error_messages():
@@ -109,7 +172,7 @@ def test_select_components():
 
 def test_plan_builds_skips_fresh_and_rebuilds_the_rest(tmp_path):
     _engine(tmp_path, "text_encoder")  # fresh, same settings
-    _engine(tmp_path, "unet", env=Environment("10.12.0.36", ENV.gpu_name, "9.0"))  # stale
+    _engine(tmp_path, "unet", env=Environment("tensorrt", "10.12.0.36", ENV.gpu_name, "9.0"))  # stale
     _engine(tmp_path, "vae_decoder", spec=BuildSpec(profile=ProfileSpec(batch=2).resolved(512)))  # other settings
     plans = plan_builds(tmp_path, M, SPEC, ENV, ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
     assert plans[0] == PlannedBuild("text_encoder", None, "up to date")
@@ -134,7 +197,7 @@ def test_plan_builds_without_sidecar(tmp_path):
 
 def test_rebuild_stale_uses_each_engines_recorded_settings(tmp_path):
     old = BuildSpec(profile=ProfileSpec(static=False, batch=2).resolved(512), opt_level=5)
-    _engine(tmp_path, "unet", env=Environment(ENV.tensorrt_version, "NVIDIA A100-SXM4-80GB", "8.0"), spec=old)
+    _engine(tmp_path, "unet", env=Environment("tensorrt", ENV.version, "NVIDIA A100-SXM4-80GB", "8.0"), spec=old)
     _engine(tmp_path, "vae_decoder", spec=old)  # fresh: kept even though its settings differ from SPEC
     plans = plan_builds(tmp_path, M, BuildSpec(profile=SPEC.profile, rebuild_stale=True), ENV,
                         ["unet", "vae_decoder", "vae_encoder"])
@@ -149,12 +212,14 @@ def test_build_engines_checks_usage_before_needing_tensorrt(sd1_workdir_fp32, no
     with pytest.raises(UsageError, match=r"--height 64 is outside --min-side..--max-side \(256..1024 px\)"):
         # tiny-sd1 is 64 px natively: a range starting at 256 px cannot hold it
         builder.build_engines(sd1_workdir_fp32, BuildSpec(profile=ProfileSpec(static=False, min_side=256)))
-    with pytest.raises(EngineError, match=r"^TensorRT is not installed"):
+    with pytest.raises(EngineError, match=r"^neither TensorRT nor TensorRT-RTX is installed"):
         builder.build_engines(sd1_workdir_fp32, BuildSpec(), progress=False)
+    with pytest.raises(UsageError, match="--target is for TensorRT-RTX"):
+        builder.build_engines(sd1_workdir_fp32, BuildSpec(tensorrt="tensorrt", targets=("sm89",)), progress=False)
     assert not (sd1_workdir_fp32 / "engines").exists()
 
 
-# -- TensorRT calls, against fakes ------------------------------------------------------------------------------------
+# -- TensorRT calls: TensorRT-RTX's real builder where it runs here, fakes for TensorRT proper ----------------------
 class _Recorder:
     """Records attribute sets and method calls; methods return what ``returns`` says (default None)."""
 
@@ -175,44 +240,53 @@ class _Recorder:
 
 @pytest.fixture
 def fake_trt(monkeypatch):
-    trt = _fake_trt("10.13.0.35")
-    monkeypatch.setattr(compat, "_trt", trt)
-    return trt
+    return _with_module(monkeypatch, "tensorrt", _fake_trt("10.13.0.35")).module()
 
 
-def test_builder_config_sets_level_workspace_flags_and_one_profile(fake_trt):
-    profile = _Recorder()
-    config = _Recorder({"add_optimization_profile": 0})
-    b = _Recorder({"create_builder_config": config, "create_optimization_profile": profile})
+@pytest.fixture
+def rtx():
+    return compat.flavour("rtx")
+
+
+def _rtx_builder(rtx):
+    return builder.create_builder(rtx, [])
+
+
+def test_builder_config_sets_level_workspace_flags_and_one_profile(rtx):
+    trt = rtx.module()
+    b = _rtx_builder(rtx)
     spec = BuildSpec(profile=SPEC.profile, opt_level=5, workspace_mib=2048, refit=True, tf32=False)
     shapes = {"sample": ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64)), "timestep": ((1,), (1,), (1,))}
-    assert builder.builder_config(b, spec, shapes, "unet") is config
-    assert config.calls == [("set", "builder_optimization_level", 5), ("set_memory_pool_limit", "WORKSPACE", 2048 << 20),
-                            ("set_flag", "REFIT"), ("clear_flag", "TF32"), ("add_optimization_profile", profile)]
-    assert profile.calls == [("set_shape", "sample", (1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64)),
-                             ("set_shape", "timestep", (1,), (1,), (1,))]
+    config = builder.builder_config(trt, b, spec, shapes, "unet")
+    assert config.builder_optimization_level == 5
+    assert config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) == 2048 << 20
+    assert config.get_flag(trt.BuilderFlag.REFIT) and not config.get_flag(trt.BuilderFlag.TF32)
+    assert config.num_optimization_profiles == 1
+    assert rtx.configure_build(config, ("sm89", "sm120")) == ["REQUIRE_USER_ALLOCATION"]
+    assert config.num_compute_capabilities == 2
+    assert [config.get_compute_capability(i) for i in range(2)] == [trt.ComputeCapability.SM89, trt.ComputeCapability.SM120]
+    assert config.get_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
 
 
-def test_builder_config_defaults_leave_tensorrt_alone(fake_trt):
-    config = _Recorder({"add_optimization_profile": 0})
-    b = _Recorder({"create_builder_config": config, "create_optimization_profile": _Recorder()})
-    builder.builder_config(b, SPEC, {}, "unet")
-    assert config.calls[0] == ("set", "builder_optimization_level", 3)
-    assert [c[0] for c in config.calls[1:]] == ["add_optimization_profile"]
+def test_builder_config_defaults_leave_tensorrt_alone(rtx):
+    trt = rtx.module()
+    b = _rtx_builder(rtx)
+    default = b.create_builder_config()
+    config = builder.builder_config(trt, b, SPEC, {}, "unet")
+    assert config.builder_optimization_level == 3
+    assert config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) == \
+        default.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)
+    assert config.get_flag(trt.BuilderFlag.TF32) == default.get_flag(trt.BuilderFlag.TF32)
+    assert not config.get_flag(trt.BuilderFlag.REFIT)
 
 
-def test_builder_config_refused_profile(fake_trt):
-    config = _Recorder({"add_optimization_profile": -1})
-    b = _Recorder({"create_builder_config": config, "create_optimization_profile": _Recorder()})
-    with pytest.raises(EngineError, match="unet: TensorRT refused the optimization profile"):
-        builder.builder_config(b, SPEC, {"sample": ((1,), (1,), (1,))}, "unet")
-
-    def bad_shape(*args):
-        raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
-
-    b = _Recorder({"create_builder_config": _Recorder(), "create_optimization_profile": _Recorder({"set_shape": bad_shape})})
-    with pytest.raises(EngineError, match=r"unet: TensorRT refused the profile of input sample \(min \(2,\), opt \(1,\)"):
-        builder.builder_config(b, SPEC, {"sample": ((2,), (1,), (1,))}, "unet")
+def test_builder_config_refused_profile(rtx):
+    trt = rtx.module()
+    b = _rtx_builder(rtx)
+    # TensorRT-RTX checks a profile when it is added to the config: min above opt is refused there
+    with pytest.raises(EngineError, match=r"unet: TensorRT (refused the optimization profile|refused the profile of "
+                                          r"input sample)"):
+        builder.builder_config(trt, b, SPEC, {"sample": ((2, 4, 8, 8), (1, 4, 8, 8), (2, 4, 8, 8))}, "unet")
 
 
 class _ParserError:
@@ -232,43 +306,58 @@ class _ParserError:
         return self._op
 
 
-def test_parser_errors_are_reported_with_their_descriptions(fake_trt, monkeypatch, tmp_path):
-    errors = [_ParserError("Unsupported ONNX data type: UINT16", 3, "/vae/Cast_3", "Cast"), _ParserError("Model invalid")]
+def _uint8_intermediate_graph(path):
+    """x (float) -> Cast(UINT8) -> Cast(FLOAT) -> y: a UINT8 tensor inside the graph, which TensorRT refuses."""
+    import onnx
+    from onnx import TensorProto, helper
 
-    class Parser:
-        def __init__(self, network, logger):
-            self.num_errors = len(errors)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["u8"], to=TensorProto.UINT8, name="/decoder/Cast_2"),
+         helper.make_node("Cast", ["u8"], ["y"], to=TensorProto.FLOAT, name="/decoder/Cast_3")],
+        "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
 
-        def parse_from_file(self, path):
-            return False
 
-        def get_error(self, i):
-            return errors[i]
-
-    fake_trt.OnnxParser = Parser
-    monkeypatch.setattr(compat, "logger", lambda: object())
-    b = _Recorder({"create_network": object()})
+def test_parser_errors_are_reported_with_their_descriptions(rtx, tmp_path):
+    path = _uint8_intermediate_graph(tmp_path / "vae.onnx")
     with pytest.raises(EngineError) as e:
-        builder.network_from_onnx(b, tmp_path / "vae.onnx", "vae_decoder")
-    assert str(e.value) == (f"TensorRT's ONNX parser rejected {tmp_path}/vae.onnx (vae_decoder): Unsupported ONNX data "
-                            "type: UINT16 (node 3 '/vae/Cast_3', Cast); Model invalid")
-    assert b.calls == [("create_network", 1)]  # strongly typed on 10.x
+        builder.network_from_onnx(rtx, _rtx_builder(rtx), path, "vae_decoder")
+    msg = str(e.value)
+    assert msg.startswith(f"TensorRT-RTX's ONNX parser rejected {path} (vae_decoder): ")
+    assert "TensorRT does not support UINT8 types for intermediate tensors" in msg
+    assert msg.endswith("(node 0 '/decoder/Cast_2', Cast)")
+    assert "\n" not in msg
+
+
+def _provenance(path, env):
+    return compat.TimingCache(path, env)
 
 
 def test_timing_cache_from_another_gpu_is_replaced(fake_trt, tmp_path, caplog):
     path = tmp_path / "timing.cache"
-    path.write_bytes(b"old cache")
     created = []
 
     def create(data):
         created.append(bytes(data))
         return f"cache<{bytes(data).decode()}>"
 
-    config = _Recorder({"create_timing_cache": create, "set_timing_cache": lambda cache, ignore: cache == "cache<>"})
-    builder.load_timing_cache(config, path)
-    assert created == [b"old cache", b""]
-    assert ("set_timing_cache", "cache<>", False) in config.calls
-    assert "ignoring timing cache" in caplog.text
+    config = _Recorder({"create_timing_cache": create, "set_timing_cache": lambda cache, ignore: True,
+                        "get_timing_cache": _Recorder({"serialize": b"timings"})})
+    a100 = compat.Environment("tensorrt", "10.13.0.35", "NVIDIA A100-SXM4-80GB", "8.0")
+    _provenance(path, a100).save(config)  # made on an A100
+    assert path.read_bytes() == b"timings"
+    assert json.loads((tmp_path / "timing.cache.json").read_text())["gpu"] == "NVIDIA A100-SXM4-80GB"
+    _provenance(path, a100).load(config)
+    assert created[-1] == b"timings"  # same GPU and TensorRT: reused
+    assert "ignoring timing cache" not in caplog.text
+    _provenance(path, ENV).load(config)  # an H100 must not time kernels with an A100's cache
+    assert created[-1] == b""
+    assert "ignoring timing cache" in caplog.text and "NVIDIA A100-SXM4-80GB with 10.13.0.35" in caplog.text
+    (tmp_path / "timing.cache.json").unlink()  # a cache nobody vouches for is not trusted either
+    _provenance(path, a100).load(config)
+    assert created[-1] == b""
 
 
 def test_timing_cache_is_merged_with_disk_and_saved_atomically(fake_trt, tmp_path):
@@ -276,10 +365,18 @@ def test_timing_cache_is_merged_with_disk_and_saved_atomically(fake_trt, tmp_pat
     path.write_bytes(b"disk")
     cache = _Recorder({"combine": True, "serialize": b"merged"})
     config = _Recorder({"get_timing_cache": cache, "create_timing_cache": lambda data: f"parsed<{bytes(data).decode()}>"})
-    builder.save_timing_cache(config, path)
+    _provenance(path, ENV).save(config)
     assert cache.calls == [("combine", "parsed<disk>", False), ("serialize",)]
     assert path.read_bytes() == b"merged"
-    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timing.cache", "timing.cache.json"]
+
+
+def test_tensorrt_rtx_has_no_timing_cache(rtx, tmp_path):
+    config = _Recorder()
+    cache = rtx.build_cache(tmp_path, NO_GPU)
+    cache.load(config)
+    cache.save(config)
+    assert config.calls == [] and list(tmp_path.iterdir()) == []
 
 
 def test_serialize_plan_none_becomes_an_error(fake_trt):
@@ -298,10 +395,52 @@ def test_progress_monitor_nests_phases_and_cancels(fake_trt):
     assert m._bars["Tactic selection"][0].n == 5
     m.phase_finish("Tactic selection")
     assert list(m._bars) == ["Building engine"]
+    assert m.phases == ["Building engine", "Tactic selection"]
     m.interrupted = True
     assert m.step_complete("Building engine", 0) is False  # asks TensorRT to cancel
     m.close()
     assert m._bars == {}
+
+
+@pytest.mark.parametrize("where", ["phase_start", "phase_finish"])
+def test_ctrl_c_in_any_callback_cancels_the_build(fake_trt, monkeypatch, where):
+    m = builder.progress_monitor(fake_trt, "unet", enabled=False)
+    m.phase_start("Building engine", None, 3)
+
+    class Interrupting:
+        def __init__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+        def close(self):
+            raise KeyboardInterrupt
+
+    if where == "phase_start":
+        monkeypatch.setattr(builder, "tqdm", Interrupting)
+        m.phase_start("Tactic selection", "Building engine", 10)  # the bindings would swallow a raise here
+    else:
+        m._bars["Building engine"] = (Interrupting.__new__(Interrupting), 0)
+        m.phase_finish("Building engine")
+    assert m.interrupted
+    assert m.step_complete("Building engine", 1) is False
+
+
+def test_ctrl_c_during_a_real_build_cancels_it_and_writes_nothing(rtx, sd1_workdir_fp32, tmp_path, monkeypatch):
+    wd = tmp_path / "wd"
+    shutil.copytree(sd1_workdir_fp32, wd)
+    calls = []
+
+    def interrupting_tqdm(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        if len(calls) == 2:  # inside TensorRT's second phase_start callback
+            raise KeyboardInterrupt
+        return tqdm(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "tqdm", interrupting_tqdm)
+    spec = BuildSpec(tensorrt="rtx", targets=("sm89",))
+    with pytest.raises(KeyboardInterrupt):
+        builder.build_engines(wd, spec, components=["unet"], progress=False)
+    assert len(calls) >= 2
+    assert not engine_path(wd, "unet").exists() and not sidecar_path(wd, "unet").exists()
 
 
 def test_verify_onnx_catches_files_changed_after_export(tmp_path):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 from engine_manifests import sd15_manifest
 
-from sdtrt.engines import check, compat
+from sdtrt.engines import check
 from sdtrt.errors import EngineError
 
 M = sd15_manifest()
@@ -65,7 +63,7 @@ def _report(passed: bool) -> check.CheckReport:
     got = {"image": np.array([11, 20], np.uint8), "finite": np.array([passed])}
     comp = check.ComponentCheck("vae_decoder", "fp16", "fp16", {"B": 1, "H": 8, "W": 8},
                                 check.compare_outputs(entry, got, want, "fp16"))
-    return check.CheckReport("/wd", "10.13.0.35", "NVIDIA H100 80GB HBM3 (compute capability 9.0)", 0, (comp,))
+    return check.CheckReport("/wd", "TensorRT 10.13.0.35", "NVIDIA H100 80GB HBM3 (compute capability 9.0)", 0, (comp,))
 
 
 def test_format_report():
@@ -81,8 +79,6 @@ def test_format_report():
     assert check.format_report(bad).splitlines()[-1] == "1 of 2 outputs exceed their tolerance: vae_decoder.finite"
 
 
-def test_check_engines_without_tensorrt(sd1_workdir_fp32, monkeypatch):
-    monkeypatch.setattr(compat, "_trt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(EngineError, match=r"^TensorRT is not installed"):
+def test_check_engines_without_engines(sd1_workdir_fp32):
+    with pytest.raises(EngineError, match=rf"^{sd1_workdir_fp32}: no TensorRT engines; build them"):
         check.check_engines(sd1_workdir_fp32)

@@ -10,9 +10,9 @@ import pytest
 from engine_manifests import sd15_manifest, with_onnx_files
 
 from sdtrt.engines import compat, sidecar
+from sdtrt.engines.compat import Environment
 from sdtrt.engines.profiles import BuildSpec, ProfileSpec, component_profile
 from sdtrt.engines.sidecar import (
-    Environment,
     engine_path,
     make_sidecar,
     read_sidecar,
@@ -26,7 +26,7 @@ from sdtrt.engines.sidecar import (
 from sdtrt.errors import EngineError
 
 M = sd15_manifest()
-H100 = Environment("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+H100 = Environment("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 SPEC = BuildSpec(profile=ProfileSpec().resolved(512))
 PLAN = b"serialized plan bytes"
 
@@ -49,8 +49,8 @@ def test_written_sidecar_records_what_made_the_plan(tmp_path):
     assert path == tmp_path / "engines" / "unet.plan"
     assert path.read_bytes() == PLAN
     s = json.loads(sidecar_path(tmp_path, "unet").read_text())
-    assert s["format_version"] == 1 and s["component"] == "unet"
-    assert s["tensorrt_version"] == "10.13.0.35"
+    assert s["format_version"] == 2 and s["component"] == "unet"
+    assert s["tensorrt"] == {"flavour": "tensorrt", "version": "10.13.0.35", "targets": []}
     assert s["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     assert s["onnx"] == [{"path": "onnx/unet.onnx", "sha256": "unet-sha"}]
     assert s["precision"] == "fp16"
@@ -70,20 +70,60 @@ def test_fresh_engine_has_no_stale_reason(tmp_path):
 
 
 def test_other_tensorrt_version(tmp_path):
-    _write(tmp_path, env=Environment("10.12.0.36", H100.gpu_name, "9.0"))
-    assert _reason(tmp_path) == ("the unet engine was built with TensorRT 10.12.0.36, this is TensorRT 10.13.0.35 "
-                                 "(a plan only loads in the TensorRT version that built it)")
+    _write(tmp_path, env=Environment("tensorrt", "10.12.0.36", H100.gpu_name, "9.0"))
+    assert _reason(tmp_path) == ("the unet engine cannot run here: it was built with TensorRT 10.12.0.36, this is "
+                                 "TensorRT 10.13.0.35 (a plan only loads in the version that built it)")
 
 
 def test_other_gpu(tmp_path):
-    _write(tmp_path, env=Environment(H100.tensorrt_version, "NVIDIA A100-SXM4-80GB", "8.0"))
-    assert _reason(tmp_path) == ("the unet engine was built for NVIDIA A100-SXM4-80GB (compute capability 8.0), "
-                                 "this GPU is NVIDIA H100 80GB HBM3 (compute capability 9.0)")
+    _write(tmp_path, env=Environment("tensorrt", H100.version, "NVIDIA A100-SXM4-80GB", "8.0"))
+    assert _reason(tmp_path) == ("the unet engine cannot run here: it was built for NVIDIA A100-SXM4-80GB (compute "
+                                 "capability 8.0), this GPU is NVIDIA H100 80GB HBM3 (compute capability 9.0)")
 
 
 def test_same_compute_capability_other_model_is_another_gpu(tmp_path):
-    _write(tmp_path, env=Environment(H100.tensorrt_version, "NVIDIA H100 PCIe", "9.0"))
+    _write(tmp_path, env=Environment("tensorrt", H100.version, "NVIDIA H100 PCIe", "9.0"))
     assert "built for NVIDIA H100 PCIe (compute capability 9.0)" in _reason(tmp_path)
+
+
+def test_same_gpu_name_other_compute_capability_is_another_gpu(tmp_path):
+    # a renamed or virtualised GPU: the name alone does not make it the same GPU
+    _write(tmp_path, env=Environment("tensorrt", H100.version, H100.gpu_name, "8.0"))
+    assert "(compute capability 8.0), this GPU is" in _reason(tmp_path)
+
+
+RTX = BuildSpec(profile=SPEC.profile, tensorrt="rtx", targets=("sm89", "sm120"))
+RTX_AOT = Environment("rtx", "1.7.1.116", None, None)  # an ahead-of-time build on a machine without a GPU
+
+
+def test_rtx_sidecar_records_flavour_targets_and_no_gpu(tmp_path):
+    _write(tmp_path, env=RTX_AOT, spec=RTX)
+    s = read_sidecar(tmp_path, "unet")
+    assert s["tensorrt"] == {"flavour": "rtx", "version": "1.7.1.116", "targets": ["sm89", "sm120"]}
+    assert s["gpu"] is None
+    assert s["build"]["tensorrt"] == "rtx" and s["build"]["targets"] == ["sm89", "sm120"]
+    assert recorded_spec(s) == RTX
+
+
+def test_rtx_engine_runs_on_any_gpu_among_its_targets(tmp_path):
+    _write(tmp_path, env=RTX_AOT, spec=RTX)
+    assert _reason(tmp_path, env=RTX_AOT) is None  # planning another build here, without a GPU
+    assert _reason(tmp_path, env=Environment("rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", "8.9")) is None
+    assert _reason(tmp_path, env=Environment("rtx", "1.7.1.116", "NVIDIA GeForce RTX 5090", "12.0")) is None
+    assert _reason(tmp_path, env=Environment("rtx", "1.7.1.116", "NVIDIA RTX A6000", "8.6")) == (
+        "the unet engine cannot run here: it was built for sm89, sm120, this GPU is NVIDIA RTX A6000 (compute "
+        "capability 8.6) (sm86)")
+    assert _reason(tmp_path, env=Environment("rtx", "1.8.0.1", "NVIDIA GeForce RTX 4090", "8.9")) == (
+        "the unet engine cannot run here: it was built with TensorRT-RTX 1.7.1.116, this is TensorRT-RTX 1.8.0.1 (a "
+        "plan only loads in the version that built it)")
+
+
+def test_a_plan_of_one_flavour_is_never_taken_for_the_other(tmp_path):
+    _write(tmp_path, env=RTX_AOT, spec=RTX)
+    assert _reason(tmp_path, env=H100) == "the unet engine cannot run here: it was built with TensorRT-RTX, not TensorRT"
+    _write(tmp_path, env=H100)
+    assert _reason(tmp_path, env=Environment("rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", "8.9")) == (
+        "the unet engine cannot run here: it was built with TensorRT, not TensorRT-RTX")
 
 
 def test_other_onnx(tmp_path):
@@ -124,9 +164,17 @@ def test_missing_corrupt_and_future_sidecars(tmp_path):
     sidecar_path(wd, "unet").write_text("{not json")
     with pytest.raises(EngineError, match=r"unet.json: unreadable engine sidecar .*rebuild it: `sdtrt build"):
         read_sidecar(wd, "unet")
-    sidecar_path(wd, "unet").write_text(json.dumps({"format_version": 2}))
-    with pytest.raises(EngineError, match="engine sidecar format 2 is not 1; rebuild it"):
+    sidecar_path(wd, "unet").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(EngineError, match="engine sidecar format 1 is not 2; rebuild it"):
         read_sidecar(wd, "unet")
+
+
+def test_a_sidecar_without_its_build_settings_is_stale(tmp_path):
+    _write(tmp_path)
+    side = read_sidecar(tmp_path, "unet")
+    del side["build"]["tf32"]
+    sidecar_path(tmp_path, "unet").write_text(json.dumps(side))
+    assert _reason(tmp_path) == "unet.json does not record its build settings"
 
 
 def test_rebuild_command_is_exact():
@@ -137,6 +185,8 @@ def test_rebuild_command_is_exact():
         "sdtrt build '/my work/wd' --dynamic --batch 2 --height 512 --width 512 --max-batch 4 --min-side 256 "
         "--max-side 1024 --opt-level 4 --refit")
     assert rebuild_command("wd", None, ["unet", "vae_decoder"]) == "sdtrt build wd --components unet,vae_decoder"
+    assert rebuild_command("wd", RTX, ["unet"]) == (
+        "sdtrt build wd --static --batch 1 --height 512 --width 512 --tensorrt rtx --target sm89,sm120 --components unet")
 
 
 def test_stale_message_one_command_when_the_settings_agree():
@@ -200,11 +250,16 @@ def test_plan_may_be_any_buffer(tmp_path):
 def test_current_environment_needs_tensorrt_then_a_gpu(monkeypatch):
     import sys
 
-    monkeypatch.setattr(compat, "_trt", None)
+    trt = compat.flavour("tensorrt")
+    monkeypatch.setattr(trt, "_module", None)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(EngineError, match=r"^TensorRT is not installed: pip install 'sdtrt\[tensorrt\]'"):
-        sidecar.current_environment()
-    monkeypatch.setattr(compat, "version", lambda: "10.13.0.35")
+        sidecar.current_environment(trt)
+    monkeypatch.setattr(trt, "version", lambda: "10.13.0.35")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(EngineError, match="no CUDA GPU is visible: TensorRT engines are built and run on an NVIDIA GPU"):
-        sidecar.current_environment()
+    with pytest.raises(EngineError, match="no CUDA GPU is visible: TensorRT builds and runs engines on the GPU they are "
+                                          "for"):
+        sidecar.current_environment(trt)
+    # TensorRT-RTX builds ahead of time without one
+    env = sidecar.current_environment(compat.flavour("rtx"))
+    assert (env.flavour, env.gpu_name, env.compute_capability) == ("rtx", None, None)

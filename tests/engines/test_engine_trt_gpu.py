@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
 ]
 
-STATIC = BuildSpec(profile=ProfileSpec(batch=1, height=64, width=64))
+STATIC = BuildSpec(profile=ProfileSpec(batch=1, height=64, width=64), tensorrt="tensorrt")
 REQUEST = {"num_inference_steps": 6, "guidance_scale": 7.5, "seed": 0, "height": 64, "width": 64}
 
 
@@ -60,7 +60,7 @@ def test_build_writes_plans_sidecars_and_timing_cache(trt_workdir):
     for c in COMPONENTS:
         assert engine_path(trt_workdir, c).stat().st_size > 0
         side = json.loads(sidecar_path(trt_workdir, c).read_text())
-        assert side["tensorrt_version"] == compat.version()
+        assert side["tensorrt"] == {"flavour": "tensorrt", "version": compat.flavour("tensorrt").version(), "targets": []}
         assert side["gpu"]["name"] == torch.cuda.get_device_name()
         assert "STRONGLY_TYPED" in side["flags"] and side["precision"] == "fp16"
     assert timing_cache_path(trt_workdir).stat().st_size > 0
@@ -131,7 +131,7 @@ def test_stale_engine_is_refused_then_rebuilt(trt_workdir, tmp_path_factory):
         Pipeline.load(wd, backend="tensorrt")
     assert "the unet engine was built with TensorRT 10.12.0.0" in str(e.value)
     assert f"sdtrt build {wd} --static --batch 1 --height 64 --width 64 --components unet" in str(e.value)
-    assert build_engines(wd, BuildSpec(rebuild_stale=True), progress=False) == [engine_path(wd, "unet")]
+    assert build_engines(wd, BuildSpec(rebuild_stale=True, tensorrt="tensorrt"), progress=False) == [engine_path(wd, "unet")]
     Pipeline.load(wd, backend="tensorrt")
 
 
@@ -140,7 +140,7 @@ def test_dynamic_engines_run_several_sizes(sd1_workdir_fp16, tmp_path_factory):
 
     wd = _copy(sd1_workdir_fp16, tmp_path_factory, "dynamic")
     spec = BuildSpec(profile=ProfileSpec(static=False, batch=1, height=64, width=64, max_batch=2, min_side=32,
-                                         max_side=128))
+                                         max_side=128), tensorrt="tensorrt")
     build_engines(wd, spec, progress=False)
     pipe = Pipeline.load(wd, backend="tensorrt")
     for h, w, b in ((64, 64, 1), (96, 64, 1), (32, 128, 2)):
@@ -150,7 +150,7 @@ def test_dynamic_engines_run_several_sizes(sd1_workdir_fp16, tmp_path_factory):
 
 def test_fp32_engines_without_tf32_hold_fp32_tolerances(sd1_workdir_fp32, tmp_path_factory):
     wd = _copy(sd1_workdir_fp32, tmp_path_factory, "fp32")
-    build_engines(wd, BuildSpec(profile=STATIC.profile, tf32=False), progress=False)
+    build_engines(wd, BuildSpec(profile=STATIC.profile, tf32=False, tensorrt="tensorrt"), progress=False)
     report = check_engines(wd)
     assert {c.tolerances for c in report.components} == {"fp32"}
     assert report.passed, format_report(report)

@@ -1,8 +1,11 @@
-"""Backend choice, made once at load: ``auto`` picks tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime-cpu."""
+"""Backend choice, made once at load: ``auto`` picks tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime-cpu.
+
+``auto`` picks TensorRT only when every exported component has an engine that can run here (its flavour installed,
+this GPU among what it was built for, built from this export); otherwise it says why and takes the next one, so a
+partial or stale build never fails a request that another backend can serve."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,10 +20,6 @@ log = logging.getLogger(__name__)
 BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
 
 
-def _has_engines(workdir: Path) -> bool:
-    return (workdir / "engines").is_dir() and any((workdir / "engines").glob("*.plan"))
-
-
 def _ort_has_cuda() -> bool:
     try:
         import onnxruntime as ort
@@ -29,13 +28,25 @@ def _ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def resolve_backend_name(name: str, workdir: Path) -> tuple[str, torch.device]:
-    """The concrete backend and device ``name`` means here; ``auto`` follows the order in the module docstring."""
+def _engines_usable(workdir: Path, manifest: Mapping | None) -> bool:
+    if manifest is None or not (workdir / "engines").is_dir():
+        return False
+    from sdtrt.runtime.backends.trt_backend import engines_ready
+
+    reason = engines_ready(workdir, manifest)
+    if reason is not None:
+        log.warning("backend auto: not using the TensorRT engines in %s: %s", workdir, reason)
+    return reason is None
+
+
+def resolve_backend_name(name: str, workdir: Path, manifest: Mapping | None = None) -> tuple[str, torch.device]:
+    """The concrete backend and device ``name`` means here; ``auto`` follows the order in the module docstring
+    (TensorRT only with ``manifest`` given and every engine usable)."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     cuda = torch.cuda.is_available()
     if name == "auto":
-        if cuda and importlib.util.find_spec("tensorrt") and _has_engines(workdir):
+        if cuda and _engines_usable(workdir, manifest):
             return "tensorrt", torch.device("cuda")
         if cuda and _ort_has_cuda():
             return "onnxruntime", torch.device("cuda")
@@ -50,7 +61,7 @@ def resolve_backend_name(name: str, workdir: Path) -> tuple[str, torch.device]:
 
 
 def load_backend(name: str, workdir: Path, manifest: Mapping) -> Backend:
-    concrete, device = resolve_backend_name(name, workdir)
+    concrete, device = resolve_backend_name(name, workdir, manifest)
     if concrete == "tensorrt":
         from sdtrt.runtime.backends.trt_backend import TensorRTBackend  # noqa: PLC0415 - optional dependency
 

@@ -1,14 +1,18 @@
 """TensorRT backend: the WORKDIR's engines, run on the runtime's stream with I/O bound to its static torch buffers.
 
-At load, every engine's sidecar is checked against this GPU, this TensorRT, this export and the plan's bytes (stale
-engines are refused together, with the commands that rebuild them), then each plan is deserialized once. All
-execution contexts share one device-memory scratch, as large as the largest engine needs
-(``device_memory_size_v2``): the pipeline runs one engine at a time on one stream, so they never overlap.
+At load, the engines' sidecars say which flavour built them (TensorRT or TensorRT-RTX, never mixed); every sidecar is
+checked against this GPU, this flavour and version, this export and the plan's bytes (stale engines are refused
+together, with the commands that rebuild them), then each plan is deserialized once. All execution contexts share
+one device-memory scratch, as large as the largest engine needs (``device_memory_size_v2``): the pipeline runs one
+engine at a time on one stream, so they never overlap. TensorRT-RTX compiles kernels for this GPU at run time and
+keeps them in ``engines/runtime.cache``, loaded at start and saved after a warm-up at a new shape.
 
-A runner binds its buffers once per shape (``set_input_shape`` + ``set_tensor_address`` with ``data_ptr()``) and
-keeps the buffers of every shape it has run, so a CUDA graph captured for one shape still finds its buffers after
-another shape ran. ``run()`` is one ``execute_async_v3`` on ``torch.cuda.current_stream()``: the pipeline's whole-loop
-capture records it; TensorRT needs one eager enqueue after a shape change before it is captured.
+A runner keeps, per shape, its buffers and an execution context of its own, bound once (``set_input_shape`` +
+``set_tensor_address`` with ``data_ptr()``): a CUDA graph captured at one shape replays the very context and
+addresses it recorded, even after other shapes ran in between (TensorRT promises nothing for a context re-bound to
+another shape). ``run()`` is one ``execute_async_v3`` on ``torch.cuda.current_stream()``: the pipeline's whole-loop
+capture records it. A context is enqueued once eagerly before it may be captured; an enqueue that cannot be captured
+raises ``EngineError``, and the pipeline keeps that loop eager.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import hashlib
 import logging
 import math
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdtrt.engines import compat
+from sdtrt.engines.compat import Environment, Flavour
 from sdtrt.engines.profiles import ComponentProfile, check_shape
 from sdtrt.engines.sidecar import (
-    Environment,
-    current_environment,
     engine_path,
+    engines_dir,
     read_sidecar,
     rebuild_command,
     recorded_spec,
@@ -39,7 +43,7 @@ from sdtrt.engines.sidecar import (
 from sdtrt.errors import EngineError, ShapeError
 from sdtrt.runtime.backends.base import DTYPES, BufferedRunner, resolve_shape
 
-if TYPE_CHECKING:  # run time goes through compat.tensorrt(); this import is for type checkers and the API check
+if TYPE_CHECKING:  # run time goes through a compat.Flavour; this import is for type checkers and the API check
     import tensorrt as trt
 
 log = logging.getLogger(__name__)
@@ -53,16 +57,28 @@ def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing()
 
 
-class TensorRTRunner(BufferedRunner):
-    """One execution context over static buffers; ``activate`` refuses shapes outside the engine's profile."""
+@dataclass
+class _Context:
+    context: Any  # trt.IExecutionContext, bound to one shape's buffers
+    enqueued: bool = False  # run eagerly at least once: may be captured
 
-    def __init__(self, name: str, entry: Mapping, context: trt.IExecutionContext, profile: ComponentProfile,
-                 device: torch.device, hint: str = "") -> None:
+
+class TensorRTRunner(BufferedRunner):
+    """One engine over static buffers, one execution context per shape; ``activate`` refuses shapes outside the
+    engine's profile. ``new_context`` makes a context pointed at the shared scratch; ``capturable(context, stream)``
+    says whether its enqueues may be captured; ``warmed`` runs after a context's first (eager) enqueue."""
+
+    def __init__(self, name: str, entry: Mapping, profile: ComponentProfile, device: torch.device, *,
+                 new_context: Callable[[], Any], capturable: Callable[[Any, int], bool],
+                 warmed: Callable[[], None] = lambda: None, hint: str = "") -> None:
         super().__init__(name, entry, device)
-        self._context = context
         self._profile = profile
         self._hint = hint
-        self._enqueued = False  # since the last (re)binding
+        self._new_context = new_context
+        self._capturable = capturable
+        self._warmed = warmed
+        self._contexts: dict[tuple, _Context] = {}
+        self._ctx: _Context | None = None
 
     def check(self, dims: Mapping[str, int]) -> None:
         check_shape(self._profile, dims, self._hint)
@@ -80,29 +96,57 @@ class TensorRTRunner(BufferedRunner):
                               f"({compat.gib(nbytes)})") from None
 
     def _bind(self) -> None:
-        ctx = self._context
+        key = tuple(sorted(self._dims.items()))
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = _Context(self._new_context())
+            self._bind_context(ctx.context)
+            self._contexts[key] = ctx
+        self._ctx = ctx
+
+    def _bind_context(self, context: Any) -> None:
         for name, t in self.inputs.items():
-            if not ctx.set_input_shape(name, tuple(t.shape)):
+            if not context.set_input_shape(name, tuple(t.shape)):
                 raise ShapeError(f"{self.name}: TensorRT refused shape {tuple(t.shape)} for input {name} "
                                  f"(built for {self._profile.describe()})")
         for name, t in (*self.inputs.items(), *self.outputs.items()):
-            if not ctx.set_tensor_address(name, t.data_ptr()):
+            if not context.set_tensor_address(name, t.data_ptr()):
                 raise EngineError(f"{self.name}: TensorRT refused the address of {name} {tuple(t.shape)}")
         for name, t in self.outputs.items():
-            shape = tuple(ctx.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
             if shape != tuple(t.shape):
                 raise EngineError(f"{self.name}: the engine computes {name} with shape {shape} where the manifest says "
                                   f"{tuple(t.shape)}; rebuild the engine from this export")
-        self._enqueued = False
 
     def run(self) -> None:
-        if not self._enqueued and _capturing():
-            raise EngineError(f"{self.name}: the first run at a new shape is being captured into a CUDA graph; "
-                              "TensorRT must enqueue it once eagerly before capture")
-        if not self._context.execute_async_v3(_stream_handle(self.device)):
+        ctx = self._ctx
+        if ctx is None:
+            raise EngineError(f"{self.name}: run() before activate()")
+        stream = _stream_handle(self.device)
+        if _capturing():
+            if not ctx.enqueued:
+                raise EngineError(f"{self.name}: the first run at shape {self._dims} is being captured into a CUDA "
+                                  "graph; TensorRT must enqueue it once eagerly before capture")
+            if not self._capturable(ctx.context, stream):
+                raise EngineError(f"{self.name}: TensorRT says this engine's enqueue cannot be captured into a CUDA "
+                                  "graph on this stream")
+        if not ctx.context.execute_async_v3(stream):
             raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed at {self._dims}")
-        self._enqueued = True
+        if not ctx.enqueued:
+            ctx.enqueued = True
+            self._warmed()
 
+    def release(self, dims: Mapping[str, int]) -> None:
+        key = tuple(sorted(dict(dims).items()))
+        if self._contexts.get(key) is self._ctx:
+            self._ctx = None
+        self._contexts.pop(key, None)
+        super().release(dims)
+
+    def deactivate(self) -> None:
+        super().deactivate()
+        self._contexts.clear()
+        self._ctx = None
 
 
 class MissingEngineRunner:
@@ -145,24 +189,28 @@ class TensorRTBackend:
     capturable = True
 
     def __init__(self, workdir: Path, manifest: Mapping, device: torch.device) -> None:
-        trt = compat.tensorrt()
         if device.type != "cuda":
             raise EngineError(f"the tensorrt backend runs on a CUDA GPU, not on {device}")
         self.workdir = Path(workdir)
         self.device = device
         self._manifest = manifest
+        present = [c for c in manifest["components"] if engine_path(self.workdir, c).is_file()]
+        if not present:
+            raise EngineError(f"{self.workdir}: no TensorRT engines; build them: `{_cmd('sdtrt', 'build', self.workdir)}`")
+        self.flavour = engines_flavour(self.workdir, present)
+        trt = self.flavour.module()
         with torch.cuda.device(device):
-            env = current_environment(device)
-            present = [c for c in manifest["components"] if engine_path(self.workdir, c).is_file()]
-            if not present:
-                raise EngineError(f"{self.workdir}: no TensorRT engines; build them: `{_cmd('sdtrt', 'build', self.workdir)}`")
-            runtime = trt.Runtime(compat.logger())
+            env = self.flavour.environment(device)
+            self.flavour.check_device(env)
+            runtime = trt.Runtime(self.flavour.logger())
             if runtime is None:
-                raise EngineError("could not create a TensorRT runtime")
-            self._engines = load_engines(runtime, self.workdir, manifest, env, present)
+                raise EngineError(f"could not create a {self.flavour.title} runtime")
+            self._engines = load_engines(runtime, self.flavour, self.workdir, manifest, env, present)
             self._runtime = runtime
             self._scratch = allocate_scratch(self._engines, device)
-        log.info("tensorrt: loaded %s; shared scratch %s", ", ".join(self._engines), compat.gib(self._scratch.numel()))
+        self._cache = self.flavour.runtime_cache(engines_dir(self.workdir))
+        log.info("%s: loaded %s; shared scratch %s", self.flavour.label(), ", ".join(self._engines),
+                 compat.gib(self._scratch.numel()))
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -180,18 +228,70 @@ class TensorRTBackend:
         loaded = self._engines.get(component)
         if loaded is None:
             return MissingEngineRunner(component, f"{self.workdir}: no TensorRT engine for {component}; build it: `{build}`")
-        with torch.cuda.device(self.device):
-            context = create_context(loaded, self._scratch)
         hint = (f"build engines that cover it: `{_cmd('sdtrt', 'build', self.workdir)} --static --batch N --height H "
                 "--width W` (one size) or with --dynamic (a range)")
-        return TensorRTRunner(component, entry, context, loaded.profile, self.device, hint)
+
+        def new_context() -> Any:
+            with torch.cuda.device(self.device):
+                return create_context(self.flavour, loaded, self._scratch, self._cache)
+
+        return TensorRTRunner(component, entry, loaded.profile, self.device, new_context=new_context,
+                              capturable=self.flavour.capturable, warmed=self.save_cache, hint=hint)
+
+    def save_cache(self) -> None:
+        """Keep what the flavour compiled at run time (TensorRT-RTX's runtime cache) for the next process."""
+        if self._cache is not None:
+            self._cache.save()
+
+
+def engines_flavour(workdir: Path, components: list[str]) -> Flavour:
+    """The flavour that built the workdir's engines, from their sidecars (unreadable ones are reported later by
+    ``load_engines``); ``EngineError`` when they were built by both."""
+    names: dict[str, list[str]] = {}
+    for c in components:
+        try:
+            record = read_sidecar(workdir, c).get("tensorrt") or {}
+        except EngineError:
+            continue
+        names.setdefault(str(record.get("flavour")), []).append(c)
+    if len(names) > 1:
+        which = "; ".join(f"{', '.join(cs)} with {compat.flavour(n).title if n in compat.FLAVOURS else n}"
+                          for n, cs in names.items())
+        raise EngineError(f"{workdir}: the engines were built by different TensorRT flavours ({which}); rebuild them "
+                          f"with one: `{_cmd('sdtrt', 'build', workdir, '--tensorrt', 'tensorrt')}` or `--tensorrt rtx`")
+    name = next(iter(names), "auto")
+    return compat.flavour(name if name in compat.FLAVOURS else "auto")
+
+
+def engines_ready(workdir: Path, manifest: Mapping, device: Any = None) -> str | None:
+    """Why ``--backend auto`` must not pick TensorRT for this workdir (one sentence), or None when every exported
+    component has an engine that is fresh here. Reads sidecars only (the plans' hashes are checked at load)."""
+    components = list(manifest["components"])
+    missing = [c for c in components if not engine_path(workdir, c).is_file()]
+    if len(missing) == len(components):
+        return "no TensorRT engines are built"
+    if missing:
+        return f"no engine for {', '.join(missing)} (a partial build)"
+    try:
+        flavour = engines_flavour(workdir, components)
+        if not flavour.installed():
+            return f"the engines were built with {flavour.title}, which is not installed"
+        env = flavour.environment(device)
+        flavour.check_device(env)
+        for c in components:
+            reason = stale_reason(read_sidecar(workdir, c), component=c, manifest=manifest, env=env)
+            if reason is not None:
+                return reason
+    except EngineError as e:
+        return str(e)
+    return None
 
 
 def _cmd(*args: Any) -> str:
     return shlex.join(str(a) for a in args)
 
 
-def load_engines(runtime: trt.Runtime, workdir: Path, manifest: Mapping, env: Environment,
+def load_engines(runtime: trt.Runtime, flavour: Flavour, workdir: Path, manifest: Mapping, env: Environment,
                  components: list[str]) -> dict[str, LoadedEngine]:
     """Check every sidecar and plan hash (all problems reported together), deserializing each fresh plan once."""
     problems: list[tuple[str, str, Any]] = []
@@ -212,18 +312,18 @@ def load_engines(runtime: trt.Runtime, workdir: Path, manifest: Mapping, env: En
             problems.append((c, reason, spec))
             continue
         if not problems:  # once one is stale the load fails: only keep checking
-            engine = deserialize(runtime, data, c, engine_path(workdir, c))
+            engine = deserialize(runtime, flavour, data, c, engine_path(workdir, c))
             del data
             profile = ComponentProfile.from_json(sidecar["profile"])
-            check_engine_io(engine, manifest["components"][c], sidecar, c, workdir)
+            check_engine_io(flavour.module(), engine, manifest["components"][c], sidecar, c, workdir)
             engines[c] = LoadedEngine(c, engine, profile, int(engine.device_memory_size_v2))
     if problems:
         raise EngineError(stale_message(workdir, problems))
     return engines
 
 
-def deserialize(runtime: trt.Runtime, data: bytes, component: str, path: Path) -> trt.ICudaEngine:
-    with compat.logger().capture() as messages:
+def deserialize(runtime: trt.Runtime, flavour: Flavour, data: bytes, component: str, path: Path) -> trt.ICudaEngine:
+    with flavour.logger().capture() as messages:
         engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         oom, asked = compat.out_of_memory(messages)
@@ -231,17 +331,17 @@ def deserialize(runtime: trt.Runtime, data: bytes, component: str, path: Path) -
             what = f" (TensorRT asked for {compat.gib(asked)})" if asked else ""
             raise EngineError(f"GPU out of memory loading the {component} engine: its plan holds {compat.gib(len(data))} "
                               f"of weights{what}; free GPU memory or use a smaller model/precision")
-        raise EngineError(f"TensorRT could not load {path}: {compat.errors_text(messages)}")
+        raise EngineError(f"{flavour.title} could not load {path}: {compat.errors_text(messages)}")
     return engine
 
 
-def check_engine_io(engine: trt.ICudaEngine, entry: Mapping, sidecar: Mapping, component: str, workdir: Path) -> None:
+def check_engine_io(trt: Any, engine: trt.ICudaEngine, entry: Mapping, sidecar: Mapping, component: str,
+                    workdir: Path) -> None:
     """The engine's I/O names, modes, dtypes and profile shapes are what the manifest and sidecar say."""
-    trt = compat.tensorrt()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     modes = {n: engine.get_tensor_mode(n) for n in names}
-    got_in = {n: compat.dtype_name(engine.get_tensor_dtype(n)) for n in names if modes[n] == trt.TensorIOMode.INPUT}
-    got_out = {n: compat.dtype_name(engine.get_tensor_dtype(n)) for n in names if modes[n] == trt.TensorIOMode.OUTPUT}
+    got_in = {n: compat.dtype_name(trt, engine.get_tensor_dtype(n)) for n in names if modes[n] == trt.TensorIOMode.INPUT}
+    got_out = {n: compat.dtype_name(trt, engine.get_tensor_dtype(n)) for n in names if modes[n] == trt.TensorIOMode.OUTPUT}
     want_in = {s["name"]: s["dtype"] for s in entry["inputs"]}
     want_out = {s["name"]: s["dtype"] for s in entry["outputs"]}
     again = f"rebuild it: `{rebuild_command(workdir, recorded_spec(sidecar), [component])}`"
@@ -269,14 +369,12 @@ def allocate_scratch(engines: Mapping[str, LoadedEngine], device: torch.device) 
                           "or build a smaller profile (--static, or lower --max-batch / --max-side)") from None
 
 
-def create_context(loaded: LoadedEngine, scratch: torch.Tensor) -> trt.IExecutionContext:
+def create_context(flavour: Flavour, loaded: LoadedEngine, scratch: torch.Tensor,
+                   cache: compat.RuntimeCache | None = None) -> trt.IExecutionContext:
     """An execution context without memory of its own, pointed at the shared scratch."""
-    trt = compat.tensorrt()
-    context = loaded.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-    if context is None:
-        raise EngineError(f"TensorRT could not create an execution context for the {loaded.component} engine")
     if scratch.numel() < loaded.device_memory:
         raise EngineError(f"{loaded.component}: shared scratch of {scratch.numel()} bytes is below the "
                           f"{loaded.device_memory} the engine needs")
+    context = flavour.create_context(loaded.engine, loaded.component, cache)
     context.set_device_memory(scratch.data_ptr(), scratch.numel())  # returns None; size checked above
     return context
