@@ -247,8 +247,10 @@ def server(sd1_workdir_fp32, tmp_path_factory, request, shm_before):
         line = f"tritonserver {server.version} (nvidia-pytriton), CPU, pid {process.pid}, log {log_file}"
         log.info(line)
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"\n{line}")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:  # in the test output, whatever the capture mode
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"\n{line}")
         yield server
     finally:
         left = server.stop()
@@ -308,9 +310,16 @@ def _send_together(server: Server, http_requests: list[list[dict]], grpc_request
     return http_answers, [grpc_answers[i] for i in range(len(grpc_requests))]
 
 
-def _delta(before: dict, after: dict) -> tuple[int, int]:
-    return (int(after["inference_count"]) - int(before["inference_count"]),
-            int(after["execution_count"]) - int(before["execution_count"]))
+def _delta(server: Server, before: dict, rows: int) -> tuple[int, int]:
+    """(inferences, executions) since ``before``, once Triton has counted ``rows`` inferences (it counts as it
+    releases requests, which may come just after the responses), or as they stand after a bound."""
+    deadline = time.monotonic() + 10
+    while True:
+        after = server.stats()
+        inferences = int(after["inference_count"]) - int(before["inference_count"])
+        if inferences >= rows or time.monotonic() > deadline:
+            return inferences, int(after["execution_count"]) - int(before["execution_count"])
+        time.sleep(0.1)
 
 
 def test_concurrent_http_and_grpc_requests_get_the_generated_images(server, reference):
@@ -331,7 +340,7 @@ def test_concurrent_http_and_grpc_requests_get_the_generated_images(server, refe
     assert rows % MAX_BATCH == 0  # whole batches: none waits for the queue delay
     before = server.stats()
     http_answers, grpc_answers = _send_together(server, http_requests, grpc_requests)
-    inferences, executions = _delta(before, server.stats())
+    inferences, executions = _delta(server, before, rows)
 
     for request, answer in zip(http_requests + grpc_requests, http_answers + grpc_answers, strict=True):
         assert not isinstance(answer, str), f"{request}: {answer}"
@@ -354,7 +363,7 @@ def test_bad_rows_get_their_own_errors_and_the_rest_of_the_batch_runs(server, re
         http_requests=[[good[0]], [dict(row, PROMPT="a hat", SEED=13, WIDTH=60)]],
         grpc_requests=[[dict(row, PROMPT="a cup", SEED=14, SCHEDULER="nope")], [good[1]]],
     )
-    inferences, executions = _delta(before, server.stats())
+    inferences, executions = _delta(server, before, MAX_BATCH)
 
     assert (inferences, executions) == (MAX_BATCH, 1)  # the four were one batch
     ok_http, bad_size = http_answers
