@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ def _run_model_py_without_site_packages(model_dir: Path) -> subprocess.Completed
 
 
 def test_model_py_imports_sdtrt_through_the_python_path(sd1_workdir_fp32, tmp_path):
-    site_packages = str(Path(np.__file__).parent.parent)  # where this venv's packages are
+    site_packages = sysconfig.get_paths()["purelib"]  # this venv's
     project = str(Path(triton.__file__).parents[2])  # sdtrt itself (an editable install's .pth is not read)
     spec = TritonSpec(backend="onnxruntime", cpu=True, python_path=(site_packages, project))
     ok = _run_model_py_without_site_packages(export_triton(sd1_workdir_fp32, tmp_path / "with", spec))
