@@ -407,6 +407,7 @@ class RuntimeCache:
             if data and not cache.deserialize(data):
                 log.warning("ignoring runtime cache %s: made on another GPU, driver or TensorRT-RTX version, or "
                             "corrupt; kernels are compiled anew", self.path)
+                data = b""  # replaced by this GPU's at the next save, whatever its size
             self._saved_size = len(data)
             self._cache = cache
         return self._cache

@@ -463,3 +463,52 @@ def test_out_of_memory_for_io_buffers_names_the_engine_and_size(monkeypatch):
     nbytes = 2 * (2 * 4 * 64 * 64 * 2) + 4 + 2 * 77 * 768 * 2
     assert str(e.value) == (f"GPU out of memory allocating the unet engine's I/O buffers for {{'2B': 2, 'H': 64, 'W': 64}} "
                             f"({nbytes / 2**30:.2f} GiB)")
+
+
+class FakeRuntimeCache:
+    def __init__(self, accept=True):
+        self.blob, self.accept, self.loaded = b"", accept, None
+
+    def deserialize(self, data):
+        self.loaded = bytes(data)
+        if self.accept:
+            self.blob = bytes(data)
+        return self.accept
+
+    def serialize(self):
+        return self.blob
+
+
+class FakeRuntimeConfig:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def create_runtime_cache(self):
+        return self.cache
+
+
+def test_runtime_cache_is_loaded_once_shared_and_saved_when_it_grows(tmp_path):
+    path = tmp_path / "runtime.cache"
+    path.write_bytes(b"kernels A")
+    fake = FakeRuntimeCache()
+    cache = compat.RuntimeCache(path)
+    assert cache.cache_for(FakeRuntimeConfig(fake)) is fake and fake.loaded == b"kernels A"
+    assert cache.cache_for(FakeRuntimeConfig(FakeRuntimeCache())) is fake  # one cache for every context
+    cache.save()
+    assert path.read_bytes() == b"kernels A"  # nothing new: not rewritten
+    fake.blob = b"kernels A + kernels for a new shape"
+    cache.save()
+    assert path.read_bytes() == b"kernels A + kernels for a new shape"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runtime.cache"]  # atomic: no temp left
+
+
+def test_runtime_cache_from_another_gpu_is_replaced(tmp_path, caplog):
+    path = tmp_path / "runtime.cache"
+    path.write_bytes(b"kernels for another GPU")
+    fake = FakeRuntimeCache(accept=False)  # TensorRT-RTX checks GPU, driver and version, and refuses
+    cache = compat.RuntimeCache(path)
+    cache.cache_for(FakeRuntimeConfig(fake))
+    assert "ignoring runtime cache" in caplog.text
+    fake.blob = b"this GPU's kernels"
+    cache.save()  # smaller than the refused file, but it is this GPU's: written
+    assert path.read_bytes() == b"this GPU's kernels"
