@@ -67,7 +67,25 @@ def infer_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def _to_fp16_tensor(t: TensorProto) -> TensorProto:
     arr = numpy_helper.to_array(t)
-    out = numpy_helper.from_array(np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16), t.name)
+    return numpy_helper.from_array(np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16), t.name)
+
+
+def _copy_without_weights(src: onnx.ModelProto) -> onnx.ModelProto:
+    """``src`` with every field but the graph's initializers (which the caller adds, converted): a graph of
+    gigabytes is never copied whole. protobuf (upb) frees a message's memory only when the whole message goes,
+    so building a new model and dropping the old is the way to shrink one."""
+    out = onnx.ModelProto(ir_version=src.ir_version, producer_name=src.producer_name,
+                          producer_version=src.producer_version, domain=src.domain, model_version=src.model_version,
+                          doc_string=src.doc_string)
+    out.opset_import.extend(src.opset_import)
+    out.metadata_props.extend(src.metadata_props)
+    out.functions.extend(src.functions)
+    g, sg = out.graph, src.graph
+    g.name, g.doc_string = sg.name, sg.doc_string
+    g.node.extend(sg.node)
+    g.input.extend(sg.input)
+    g.output.extend(sg.output)
+    g.sparse_initializer.extend(sg.sparse_initializer)
     return out
 
 
@@ -78,13 +96,16 @@ def convert_to_fp16(
     fp32_inputs: tuple[str, ...] = (),
     fp32_outputs: tuple[str, ...] = (),
 ) -> onnx.ModelProto:
-    """Convert ``model`` in place (and return it): float16 everywhere except the islands and regions described in
-    the module docstring.
+    """Return ``model`` converted to float16 everywhere except the islands and regions described in the module
+    docstring. ``model`` is left as it was; the result is a new model whose weights are converted one tensor at a
+    time, so the peak is the fp32 graph plus the fp16 one (the caller frees the fp32 one by dropping it).
 
     Graph input and output names are kept; their element types change to float16 unless named in
     ``fp32_inputs`` / ``fp32_outputs``. Non-float tensors (token ids, shapes, uint8 pixels) are untouched.
     """
     types = infer_types(model)
+    src = model.graph
+    model = _copy_without_weights(model)
     g = model.graph
     bad = sorted({n.op_type for n in g.node if n.op_type in UNSUPPORTED_OPS})
     if bad:
@@ -96,7 +117,7 @@ def convert_to_fp16(
     def is_float(name: str) -> bool:
         return bool(name) and types.get(name) == FLOAT
 
-    init_names = {i.name for i in g.initializer}
+    init_names = {i.name for i in src.initializer}
     const_outputs = {n.output[0] for n in g.node if n.op_type in ("Constant", "ConstantOfShape")}
     constants = init_names | const_outputs
 
@@ -128,9 +149,9 @@ def convert_to_fp16(
         return FLOAT if name in fp32_tensors else FLOAT16
 
     # 3. Rewrite sources: initializers, constants, casts, graph inputs.
-    for i, init in enumerate(g.initializer):
-        if init.data_type == FLOAT and init.name not in fp32_tensors:
-            g.initializer[i].CopyFrom(_to_fp16_tensor(init))
+    for init in src.initializer:
+        convert = init.data_type == FLOAT and init.name not in fp32_tensors
+        g.initializer.append(_to_fp16_tensor(init) if convert else init)
     for idx, node in enumerate(g.node):
         if node.op_type == "Constant" and is_float(node.output[0]) and node.output[0] not in fp32_tensors:
             for a in node.attribute:

@@ -5,6 +5,8 @@ Composable steps, each a plain function of a ``ModelProto``; ``export_graph`` st
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import tempfile
@@ -86,28 +88,71 @@ def is_large(model: onnx.ModelProto) -> bool:
     return model.ByteSize() >= PROTOBUF_LIMIT
 
 
+# Initializers at most this big stay in the skeleton that shape inference sees: shape arithmetic reads them.
+SKELETON_KEEP_BYTES = 1024
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without its weights: initializers over ``SKELETON_KEEP_BYTES`` become typed graph inputs, small
+    ones (shape constants) stay. Shape inference and the checker see the same graph at a tiny fraction of the
+    memory, and it works past protobuf's 2 GiB limit."""
+    out = onnx.ModelProto(ir_version=model.ir_version)
+    out.opset_import.extend(model.opset_import)
+    g, src = out.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    names = {i.name for i in src.input}
+    for init in src.initializer:
+        if init.ByteSize() <= SKELETON_KEEP_BYTES:
+            g.initializer.append(init)
+        elif init.name not in names:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return out
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference, so parsers see shapes for every intermediate tensor (in memory below 2 GiB,
-    through a temporary file above)."""
-    if not is_large(model):
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    with tempfile.TemporaryDirectory(prefix="sdtrt-infer-") as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
-        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
-        return onnx.load(str(dst), load_external_data=True)
+    """ONNX shape inference, so parsers see shapes for every intermediate tensor: inferred on the weightless
+    skeleton (never serialising the weights) and written into ``model.graph.value_info`` in place."""
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """The ONNX checker on the skeleton (structure, types, opset rules), so the weights are never serialised."""
+    try:
+        onnx.checker.check_model(skeleton(model))
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported graph is not valid ONNX: {str(e).splitlines()[0]}") from e
+
+
+def to_precision(model: onnx.ModelProto, io: GraphIO, precision: str) -> onnx.ModelProto:
+    """fp32 traced graph -> folded, precision-converted graph (a new model; ``model`` is left as it was)."""
+    if precision == "fp16":
+        # torch's exporter already folded constants, so convert first and fold once, on the half-size graph
+        # (folding the fp32 graph first doubled the peak memory of a full-size UNet export).
+        model = convert_to_fp16(model, fp32_inputs=io.fp32_inputs)
+    return fold_and_clean(model)  # fp16: folds casts of constants into fp16/fp32 initializers
 
 
 def optimise(model: onnx.ModelProto, io: GraphIO, precision: str) -> onnx.ModelProto:
-    """fp32 traced graph -> folded, precision-converted, shape-inferred graph."""
-    model = fold_and_clean(model)
-    if precision == "fp16":
-        model = convert_to_fp16(model, fp32_inputs=io.fp32_inputs)
-        model = fold_and_clean(model)  # folds casts of constants into fp16/fp32 initializers
-    model = infer_shapes(model)
-    if not is_large(model):
-        onnx.checker.check_model(model)  # large graphs are checked from their files by save_graph
+    """fp32 traced graph -> folded, precision-converted, shape-inferred, checked graph."""
+    model = infer_shapes(to_precision(model, io, precision))
+    check_graph(model)
     return model
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a full-size export's peak is the sum
+    of what each step left behind)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
@@ -128,7 +173,6 @@ def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
         tmp_graph = Path(tmp) / path.name
         onnx.save_model(model, str(tmp_graph), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
-        onnx.checker.check_model(str(tmp_graph))  # from the file: the only way the checker takes > 2 GiB
         umask = os.umask(0)
         os.umask(umask)
         for f in (tmp_graph, Path(tmp) / data_name):
@@ -142,8 +186,24 @@ def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: Gr
                  *, precision: str, opset: int) -> list[Path]:
     """Trace, optimise, check against TensorRT's parser rules and save one component graph; returns the files
     written (none when a check fails)."""
+    # The steps of ``optimise``, each result rebound here so that every earlier model is freed as soon as the
+    # next exists: a full-size UNet is 3.4 GB in fp32.
     log.info("tracing %s", path.name)
     model = trace_to_onnx(module, args, io, opset)
-    model = optimise(model, io, precision)
+    release_memory()
+    if precision == "fp16":  # to_precision's two steps, so that the fp32 model is gone before folding
+        log.info("converting %s to fp16", path.name)
+        model = convert_to_fp16(model, fp32_inputs=io.fp32_inputs)
+        release_memory()
+    log.info("folding %s", path.name)
+    model = fold_and_clean(model)
+    release_memory()
+    log.info("checking %s", path.name)
+    model = infer_shapes(model)
+    check_graph(model)
     check_trt_rules(model, path.stem)
-    return save_graph(model, path)
+    log.info("saving %s", path.name)
+    files = save_graph(model, path)
+    del model
+    release_memory()
+    return files

@@ -24,7 +24,7 @@ import sdtrt
 from sdtrt.checkpoint.model import Checkpoint
 from sdtrt.export.clip import MAX_LENGTH, text_encoder_export
 from sdtrt.export.component import ComponentExport
-from sdtrt.export.graph import export_graph
+from sdtrt.export.graph import export_graph, release_memory
 from sdtrt.export.manifest import FORMAT_VERSION, MANIFEST
 from sdtrt.export.spec import ExportSpec
 from sdtrt.export.unet import unet_export
@@ -111,6 +111,7 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
             bar.update(1)
             validation = None
             if spec.validate:
+                log.info("validating %s", comp.name)
                 bar.set_description(f"validate {comp.name}")
                 results = validate_component(comp, files[0], precision)
                 validation = [{e.output: e.as_dict() for e in errs} for errs in results]
@@ -127,6 +128,7 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
                 "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in comp.io.dynamic_axes.items()},
                 "validation": validation,
             }
+            release_memory()  # ONNX Runtime's session and the torch activations of this component
         bar.close()
 
         ckpt.tokenizer.save_pretrained(str(staging / "tokenizer"))
