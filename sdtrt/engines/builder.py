@@ -12,6 +12,7 @@ timings; TensorRT-RTX has none (it compiles kernels on the user's GPU and caches
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -148,7 +149,7 @@ def build_engine(workdir: Path, manifest: Mapping, component: str, spec: BuildSp
     cache = flavour.build_cache(engines_dir(workdir), env)
     logger = flavour.logger()
     t0 = time.perf_counter()
-    with logger.capture() as messages:
+    with logger.capture() as messages, logger.watch(ATTENTION_MATCH) as matched:
         builder = create_builder(flavour, messages)
         network, parser = network_from_onnx(flavour, builder, workdir / entry["files"][0]["path"], component)
         check_network_io(trt, network, entry, component)
@@ -165,13 +166,27 @@ def build_engine(workdir: Path, manifest: Mapping, component: str, spec: BuildSp
         flags = ["STRONGLY_TYPED"] + [name for name, on in (("TF32", config.get_flag(trt.BuilderFlag.TF32)),
                                                             ("REFIT", config.get_flag(trt.BuilderFlag.REFIT))) if on]
         flags += extra_flags
+        attention = attention_report(trt, network, matched)
         del parser  # owns the weights the network points at: kept alive until the plan exists
     seconds = time.perf_counter() - t0
     sidecar = make_sidecar(component, entry, spec, env, profile=profile.to_json(), input_shapes=shapes, flags=flags,
-                           build_seconds=seconds, phases=list(dict.fromkeys(monitor.phases)))
+                           build_seconds=seconds, phases=list(dict.fromkeys(monitor.phases)), attention=attention)
     path = write_engine(workdir, component, plan, sidecar)
     log.info("%s: built %s in %.1f s", component, path, seconds)
     return path
+
+
+# TensorRT's builder logs (at VERBOSE) each node it matches to its fused multi-head-attention pattern
+ATTENTION_MATCH = re.compile(r"Found (\S+) to be part of self-attention pattern")
+
+
+def attention_report(trt: Any, network: trt.INetworkDefinition, matched: list[str]) -> dict[str, int]:
+    """How many Softmax layers the network has, and how many of them the builder matched to its fused attention
+    (MHA) pattern: a change to the exported graph that breaks the fusion shows up as ``mha_pattern < softmax_layers``."""
+    softmax = {network.get_layer(i).name for i in range(network.num_layers)
+               if network.get_layer(i).type == trt.LayerType.SOFTMAX}
+    names = {m.group(1) for m in map(ATTENTION_MATCH.search, matched) if m}
+    return {"softmax_layers": len(softmax), "mha_pattern": len(softmax & names)}
 
 
 def verify_onnx(workdir: Path, component: str, entry: Mapping) -> None:

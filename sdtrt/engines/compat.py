@@ -454,6 +454,7 @@ def _make_logger(trt: ModuleType) -> type:
         def __init__(self) -> None:
             super().__init__()
             self._captures: list[list[tuple[int, str]]] = []
+            self._watches: list[tuple[re.Pattern, list[str]]] = []
             self._mutex = threading.Lock()  # TensorRT logs from its own threads
 
         def log(self, severity: Any, msg: str) -> None:
@@ -462,6 +463,9 @@ def _make_logger(trt: ModuleType) -> type:
                 captured = bool(self._captures) and level >= logging.WARNING
                 for messages in self._captures if captured else ():
                     messages.append((level, msg))
+                for pattern, found in self._watches:
+                    if pattern.search(msg):
+                        found.append(msg)
             # errors inside a capture reach the user in the exception built from them: logged once, not twice
             log.log(logging.DEBUG if captured and level >= logging.ERROR else level, "[TRT] %s", msg)
 
@@ -476,6 +480,18 @@ def _make_logger(trt: ModuleType) -> type:
             finally:
                 with self._mutex:
                     self._captures.remove(messages)
+
+        @contextlib.contextmanager
+        def watch(self, pattern: re.Pattern) -> Iterator[list[str]]:
+            """Collect the messages of any severity that match ``pattern`` (what the builder reports it did)."""
+            entry: tuple[re.Pattern, list[str]] = (pattern, [])
+            with self._mutex:
+                self._watches.append(entry)
+            try:
+                yield entry[1]
+            finally:
+                with self._mutex:
+                    self._watches.remove(entry)
 
     return Logger
 

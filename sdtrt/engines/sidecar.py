@@ -58,7 +58,7 @@ def onnx_files(entry: Mapping) -> list[dict[str, str]]:
 
 def make_sidecar(component: str, entry: Mapping, spec: BuildSpec, env: Environment, *, profile: Mapping,
                  input_shapes: Mapping, flags: list[str], build_seconds: float,
-                 phases: list[str] | None = None) -> dict[str, Any]:
+                 phases: list[str] | None = None, attention: Mapping[str, int] | None = None) -> dict[str, Any]:
     """A sidecar without its ``plan`` field (``write_engine`` adds it from the bytes it writes)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -74,6 +74,7 @@ def make_sidecar(component: str, entry: Mapping, spec: BuildSpec, env: Environme
         "flags": list(flags),
         "build_seconds": round(float(build_seconds), 3),
         "build_phases": list(phases or []),  # what the builder's progress monitor reported
+        "attention": dict(attention) if attention is not None else None,  # Softmax layers, and those matched to fused MHA
     }
 
 

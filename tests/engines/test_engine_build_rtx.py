@@ -61,6 +61,11 @@ def test_every_component_builds_ahead_of_time(request, capsys, tmp_path, workdir
         assert side["build"]["profile"]["static"] is (profile == "static")
         # TensorRT's progress monitor reported its phases to us (the names are TensorRT's own)
         assert "Building engine" in side["build_phases"] and len(side["build_phases"]) >= 3
+    # every attention Softmax of the UNet and the text encoder is matched to TensorRT's fused attention (MHA)
+    # pattern, fp32 Softmax islands included: an export change that breaks the fusion fails here
+    for c in ("text_encoder", "unet"):
+        attention = read_sidecar(wd, c)["attention"]
+        assert attention["softmax_layers"] > 0 and attention["mha_pattern"] == attention["softmax_layers"], (c, attention)
     axes = read_sidecar(wd, "unet")["profile"]["axes"]
     if profile == "static":
         assert axes == {"2B": [1, 2, 2], "H": [8, 8, 8], "W": [8, 8, 8]}
