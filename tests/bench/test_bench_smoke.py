@@ -1,10 +1,17 @@
-"""``run_bench`` and ``write_reports`` in a short mode on the tiny checkpoint: the fields, not the speeds."""
+"""``run_bench`` and ``write_reports`` in a short mode on the tiny checkpoint: the fields, not the speeds.
+
+Expectations follow the device, as the benchmark does: with a CUDA GPU, diffusers and the torch backend run fp16,
+the fp32 reference runs on the GPU (not reused from the diffusers contender), ONNX Runtime runs only with its CUDA
+execution provider, and reports are named after the GPU.
+"""
 
 from __future__ import annotations
 
 import json
 
+import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
 
 from sdtrt.bench import BenchSpec, run_bench, write_reports
@@ -15,6 +22,28 @@ from sdtrt.errors import UsageError
 SPEC = BenchSpec(contenders=("diffusers", "sdtrt-onnxruntime", "sdtrt-torch"), threads=1, **SHORT)
 STAT_KEYS = {"n", "p50", "p90", "mean", "std", "min", "max"}
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# ONNX Runtime on a GPU machine runs only with its CUDA execution provider (onnxruntime-gpu); else it is skipped
+ORT_RUNS = not CUDA or "CUDAExecutionProvider" in ort.get_available_providers()
+ORT_SKIPPED = {} if ORT_RUNS else {
+    "sdtrt-onnxruntime": "onnxruntime has no CUDA execution provider here (install onnxruntime-gpu); it would run on "
+                         "the CPU"}
+RAN = {"diffusers", "sdtrt-torch"} | ({"sdtrt-onnxruntime"} if ORT_RUNS else set())
+COMPUTE = "float16" if CUDA else "float32"  # diffusers and the torch backend: fp16 on CUDA
+ENGINE_LABELS = {"diffusers": f"diffusers {COMPUTE}", "sdtrt-torch": f"torch {COMPUTE}",
+                 "sdtrt-onnxruntime": f"onnxruntime-{DEVICE} fp32"}
+
+
+def _report_prefix() -> str:
+    """``cpu-<n>core-`` or the GPU's name, lower case, without "nvidia", words joined by dashes."""
+    if not CUDA:
+        import os
+
+        return f"cpu-{os.cpu_count()}core-"
+    words = torch.cuda.get_device_properties(0).name.lower().replace("nvidia", "").replace("_", " ").split()
+    return "-".join(words)[:40] + "-"
+
 
 @pytest.fixture(scope="module")
 def short_result(sd1_workdir_fp32):
@@ -24,18 +53,21 @@ def short_result(sd1_workdir_fp32):
 def test_result_fields(short_result):
     r = short_result
     assert r["format"] == "sdtrt-bench/1"
-    assert r["device"] == "cpu" and r["baseline"] == "diffusers" and r["scheduler"] == "pndm"
+    assert r["device"] == DEVICE and r["baseline"] == "diffusers" and r["scheduler"] == "pndm"
     env = r["environment"]
     for key in ("date", "cpu", "cpu_count", "torch_threads", "versions", "load_average_start", "load_average_end"):
         assert key in env
     assert env["torch_threads"] == 1
-    assert {"torch", "diffusers", "onnxruntime"} <= set(env["versions"])
+    assert {"torch", "diffusers"} <= set(env["versions"])
+    assert {"onnxruntime", "onnxruntime-gpu"} & set(env["versions"])  # GPU machines may have only the -gpu wheel
     assert r["checkpoint"]["arch"] == "tiny-sd1" and r["checkpoint"]["weights"].startswith("random")
     assert r["spec"]["batch_sizes"] == [1, 2] and r["spec"]["steps"] == 2
-    assert r["reference"] == {"engine": "diffusers", "dtype": "float32", "device": "cpu", "batch": 1,
-                              "reused_contender": "diffusers"}
-    assert set(r["contenders"]) == {"diffusers", "sdtrt-onnxruntime", "sdtrt-torch"}
-    assert r["skipped"] == {} and r["failed"] == {}
+    # on CPU the diffusers contender is fp32 and is the reference; on CUDA it is fp16 and the reference runs apart
+    assert r["reference"] == {"engine": "diffusers", "dtype": "float32", "device": DEVICE, "batch": 1,
+                              "reused_contender": None if CUDA else "diffusers"}
+    assert set(r["contenders"]) == RAN
+    assert r["skipped"] == ORT_SKIPPED and r["failed"] == {}
+    assert (r["environment"]["gpu"] is not None) == CUDA
     for name, c in r["contenders"].items():
         assert c["load_s"] > 0 and c["first_image_s"] > 0, name
         assert set(c["batches"]) == {"1", "2"}
@@ -51,27 +83,39 @@ def test_result_fields(short_result):
             assert b["memory"]["peak_bytes"] > 0
         assert set(r["speedup_vs_baseline"]["1"]) == set(r["contenders"])
     assert r["speedup_vs_baseline"]["1"]["diffusers"] == 1.0
+    assert r["contenders"]["diffusers"]["dtype"] == COMPUTE
+    assert r["contenders"]["sdtrt-torch"]["compute_dtype"] == COMPUTE
 
 
 def test_quality_against_diffusers_fp32(short_result):
     q = {n: c["quality"] for n, c in short_result["contenders"].items()}
-    assert q["diffusers"] == {"psnr_db": None, "max_abs_diff": 0}  # it is the reference
-    for name in ("sdtrt-onnxruntime", "sdtrt-torch"):  # fp32 graphs: the same image up to rounding
+    if CUDA:  # fp16 against the fp32 reference: test_seed_parity_fp16_graphs' tolerance
+        assert q["diffusers"]["max_abs_diff"] <= 12
+        fp16, fp32 = ("diffusers", "sdtrt-torch"), RAN - {"diffusers", "sdtrt-torch"}
+    else:
+        assert q["diffusers"] == {"psnr_db": None, "max_abs_diff": 0}  # it is the reference
+        fp16, fp32 = (), RAN - {"diffusers"}
+    for name in fp32:  # fp32 graphs: the same image up to rounding
         assert q[name]["max_abs_diff"] <= 2, name
         assert q[name]["psnr_db"] is None or q[name]["psnr_db"] > 40, name
+    for name in fp16:
+        assert q[name]["max_abs_diff"] <= 12, name
+        assert q[name]["psnr_db"] is None or q[name]["psnr_db"] > 30, name
 
 
 def test_reports(short_result, tmp_path):
     paths = write_reports(short_result, tmp_path)
     assert [p.suffix for p in paths] == [".json", ".md", ".png"]
     assert all(p.parent == tmp_path and p.stem == paths[0].stem for p in paths)
-    assert paths[0].stem.startswith("cpu-")
+    assert paths[0].stem.startswith(_report_prefix())
     assert json.loads(paths[0].read_text()) == short_result
     md = paths[1].read_text()
-    assert md.startswith("# sdtrt benchmark: cpu-")
-    for text in ("## End to end, batch 1", "## Per stage, batch 1", "## Throughput", "## Memory", "| sdtrt-onnxruntime |",
-                 "| diffusers |", f"![latency and throughput]({paths[2].name})"):
+    assert md.startswith(f"# sdtrt benchmark: {_report_prefix()}")
+    for text in ("## End to end, batch 1", "## Per stage, batch 1", "## Throughput", "## Memory",
+                 f"![latency and throughput]({paths[2].name})"):
         assert text in md
+    for name in RAN:  # one row per contender that ran, with its engine and precision
+        assert f"| {name} | {ENGINE_LABELS[name]} |" in md, name
     with Image.open(paths[2]) as im:
         im.verify()
     with Image.open(paths[2]) as im:
@@ -79,13 +123,16 @@ def test_reports(short_result, tmp_path):
 
 
 def test_contender_not_available_is_skipped_with_reason(sd1_workdir_fp32):
-    r = run_bench(sd1_workdir_fp32, BenchSpec(contenders=("sdtrt-onnxruntime", "sdtrt-torch-graph"), steps=1, runs=1,
+    # never runnable on this workdir: on CPU for want of CUDA graphs, on a GPU for want of engines (or TensorRT)
+    r = run_bench(sd1_workdir_fp32, BenchSpec(contenders=("sdtrt-torch", "sdtrt-tensorrt-graph"), steps=1, runs=1,
                                               warmup=1, batch_sizes=(1,), height=64, width=64, threads=1,
                                               reference_device="none"), progress=False)
-    assert set(r["contenders"]) == {"sdtrt-onnxruntime"}
-    assert r["skipped"] == {"sdtrt-torch-graph": "CUDA graphs need an NVIDIA GPU"}
+    assert set(r["contenders"]) == {"sdtrt-torch"}
+    reasons = {f"{sd1_workdir_fp32} has no engines (run `sdtrt build`)", "the tensorrt package is not installed",
+               "this sdtrt has no TensorRT backend yet"} if CUDA else {"CUDA graphs need an NVIDIA GPU"}
+    assert set(r["skipped"]) == {"sdtrt-tensorrt-graph"} and r["skipped"]["sdtrt-tensorrt-graph"] in reasons
     assert r["baseline"] is None and r["speedup_vs_baseline"] == {} and r["reference"] is None
-    assert r["contenders"]["sdtrt-onnxruntime"]["quality"] is None
+    assert r["contenders"]["sdtrt-torch"]["quality"] is None
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -154,10 +201,11 @@ def test_contender_failing_at_a_batch_size_drops_out(sd1_workdir_fp32, tmp_path,
         return call(self, batch)
 
     monkeypatch.setattr(SdtrtContender, "_call", no_batch_2)
-    r = run_bench(sd1_workdir_fp32, BenchSpec(contenders=("diffusers", "sdtrt-onnxruntime"), steps=1, runs=1, warmup=1,
+    # sdtrt-torch: an SdtrtContender that runs on either device (ONNX Runtime needs onnxruntime-gpu on a GPU)
+    r = run_bench(sd1_workdir_fp32, BenchSpec(contenders=("diffusers", "sdtrt-torch"), steps=1, runs=1, warmup=1,
                                               batch_sizes=(1, 2), height=64, width=64, threads=1), progress=False)
-    assert r["failed"] == {"sdtrt-onnxruntime": "failed at batch 2: ShapeError: batch 2 is outside the engine's profile"}
-    assert set(r["contenders"]["sdtrt-onnxruntime"]["batches"]) == {"1"}
+    assert r["failed"] == {"sdtrt-torch": "failed at batch 2: ShapeError: batch 2 is outside the engine's profile"}
+    assert set(r["contenders"]["sdtrt-torch"]["batches"]) == {"1"}
     assert set(r["speedup_vs_baseline"]["2"]) == {"diffusers"}
     paths = write_reports(r, tmp_path)
-    assert "- sdtrt-onnxruntime: failed at batch 2" in paths[1].read_text()
+    assert "- sdtrt-torch: failed at batch 2" in paths[1].read_text()
