@@ -86,9 +86,28 @@ def build_application(workdir: str | Path, spec: ServeSpec | None = None, ray_sp
     return deployment.bind(str(workdir), spec, backend)
 
 
-_SPEC_CASTS = {"max_batch": int, "max_queue": int, "batch_window_ms": float, "timeout_s": float, "api_key": str,
-               "max_body_mb": float}
-_RAY_CASTS = {"min_replicas": int, "max_replicas": int, "gpus_per_replica": float, "cpus_per_replica": float}
+_CASTS = {"int": int, "float": float, "str": str}
+
+
+def _field_casts(spec_class: type) -> dict[str, type]:
+    """``key=value`` casts for every field of a spec dataclass, read from its annotations: a field added to the
+    spec is accepted by the builder without another list to keep in step (an unknown type fails at import)."""
+    casts = {}
+    for f in dataclasses.fields(spec_class):
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        casts[f.name] = _CASTS[kind.removesuffix(" | None")]
+    return casts
+
+
+_SPEC_CASTS = _field_casts(ServeSpec)
+_RAY_CASTS = _field_casts(RaySpec)
+
+
+def _cast(key: str, value: Any, cast: type) -> Any:
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key}={value!r}: expected {'an integer' if cast is int else 'a number'}") from None
 
 
 def build(args: dict[str, Any]):
@@ -100,9 +119,9 @@ def build(args: dict[str, Any]):
     spec_kw, ray_kw = {}, {}
     for key, value in args.items():
         if key in _SPEC_CASTS:
-            spec_kw[key] = _SPEC_CASTS[key](value)
+            spec_kw[key] = _cast(key, value, _SPEC_CASTS[key])
         elif key in _RAY_CASTS:
-            ray_kw[key] = _RAY_CASTS[key](value)
+            ray_kw[key] = _cast(key, value, _RAY_CASTS[key])
         else:
             raise UsageError(f"unknown argument {key!r}; known: workdir, backend, {', '.join([*_SPEC_CASTS, *_RAY_CASTS])}")
     return build_application(workdir, ServeSpec(**spec_kw), RaySpec(**ray_kw), backend=backend)

@@ -60,3 +60,43 @@ def test_builder_arguments_are_checked(ray_cluster, sd1_workdir_fp32, tmp_path):
         build({"workdir": str(tmp_path / "missing")})
     with pytest.raises(UsageError, match=r"replicas: need 0 <= min \(3\) <= max \(2\)"):
         build({"workdir": str(sd1_workdir_fp32), "min_replicas": "3", "max_replicas": "2"})
+
+
+def _other_value(field, default):
+    """A valid non-default value for a spec field, as ``serve run`` passes it: a string."""
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if kind == "str | None":
+        return "a-key", "a-key"
+    if kind.startswith("int"):
+        return str((default or 1) + 1), (default or 1) + 1
+    if kind.startswith("float"):
+        return str((default or 1.0) * 2), (default or 1.0) * 2
+    raise AssertionError(f"no test value for a {kind} field ({field.name}): add one")
+
+
+def test_builder_takes_every_spec_field(monkeypatch, sd1_workdir_fp32):
+    """Every ServeSpec and RaySpec field as ``serve run ... key=value`` (strings), each reaching the spec."""
+    import dataclasses
+
+    from sdtrt.serve import ray_app
+
+    built = {}
+    monkeypatch.setattr(ray_app, "build_application",
+                        lambda workdir, spec, ray_spec, backend: built.update(spec=spec, ray_spec=ray_spec, backend=backend))
+    for spec_class, key in ((ServeSpec, "spec"), (RaySpec, "ray_spec")):
+        fields = dataclasses.fields(spec_class)
+        assert {f.name for f in fields} >= ({"max_steps", "max_connections"} if spec_class is ServeSpec else set())
+        for f in fields:
+            text, value = _other_value(f, getattr(spec_class(), f.name))
+            built.clear()
+            build({"workdir": str(sd1_workdir_fp32), "backend": "onnxruntime", f.name: text})
+            assert getattr(built[key], f.name) == value, f.name
+            assert built["backend"] == "onnxruntime"
+    # all at once, and the real builder (needs no cluster to bind)
+    monkeypatch.undo()
+    app = build({"workdir": str(sd1_workdir_fp32), "max_steps": "50", "max_connections": "8", "max_batch": "2"})
+    assert app is not None
+    with pytest.raises(UsageError, match="max_steps='many': expected an integer"):
+        build({"workdir": str(sd1_workdir_fp32), "max_steps": "many"})
+    with pytest.raises(UsageError, match="max steps must be between 1 and 1000, got 5000"):
+        build({"workdir": str(sd1_workdir_fp32), "max_steps": "5000"})
