@@ -28,6 +28,7 @@ from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.request import GenerateRequest
 from sdtrt.serve.app import ServeSpec, create_app
 from sdtrt.serve.server import ThreadedServer
+from tests.a1111_infotext import parse_generation_parameters
 
 BACKEND = "onnxruntime"
 
@@ -105,6 +106,12 @@ def test_webuiapi_txt2img_equals_sdtrt_generate(a1111, sd1_workdir_fp32, tmp_pat
     assert len(r.images) == 1
     assert np.array_equal(pixels(r.images[0]), expected[0])
     assert r.images[0].info["parameters"] == r.info["infotexts"][0]
+    # the PNG's text as A1111 reads it, against the request (not against our own infotext)
+    params = parse_generation_parameters(r.images[0].info["parameters"])
+    assert {k: params.get(k) for k in ("Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size-1",
+                                       "Size-2", "Clip skip")} == {
+        "Prompt": "a red fox in the snow", "Negative prompt": "blurry", "Steps": "5", "Sampler": "DDIM",
+        "CFG scale": "7", "Seed": "1234", "Size-1": "64", "Size-2": "48", "Clip skip": "1"}
     assert r.info["all_seeds"] == [1234]
     assert (r.info["sampler_name"], r.info["steps"], r.info["width"], r.info["height"]) == ("DDIM", 5, 64, 48)
     assert "Seed: 1234" in r.info["infotexts"][0] and "Sampler: DDIM" in r.info["infotexts"][0]
