@@ -40,3 +40,12 @@ test: setup lint trt-check
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
+
+# Mutation testing of the core modules (mutmut, each group with its own tests; not part of CI or `make test`).
+# Score and survivors: benchmarks/results/mutation-<date>.md. MUTATION_GROUPS="img2img batcher" for some groups,
+# "schedulers" for every scheduler module (hours on 2 cores); `$(PY) benchmarks/mutation.py --list` lists them.
+MUTATION_GROUPS ?=
+.PHONY: mutation
+mutation: setup
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q "mutmut>=3.8,<4"
+	$(PY) benchmarks/mutation.py $(MUTATION_GROUPS)
