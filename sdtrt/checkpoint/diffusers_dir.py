@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.checkpoint.archs import KNOWN_ARCHS, arch_spec, family_of, read_component_configs
+from sdtrt.checkpoint.clip_vocab import resolve_tokenizer
+from sdtrt.checkpoint.detect import detect_configs
 from sdtrt.checkpoint.model import Checkpoint
 from sdtrt.checkpoint.random_init import ARCH_FILE
-from sdtrt.checkpoint.tokenizer import load_tokenizer_for
 from sdtrt.errors import CheckpointError, one_line
 
 logger = logging.getLogger(__name__)
 
 COMPONENT_DIRS = ("text_encoder", "unet", "vae", "scheduler")
 _WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
-_UNET_KINDS = {9: "an inpainting model", 5: "a depth-to-image model", 7: "an upscaler"}
 
 # Config keys that fix the weights' shapes and the graph; the rest (sample_size, upcast_attention, scaling
 # factors, ...) may differ between checkpoints of one architecture.
@@ -67,12 +67,15 @@ _ARCH_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def load_diffusers_dir(path: Path, tokenizer_dir: Path | None = None, *, allow_pickle: bool = False) -> Checkpoint:
+def load_diffusers_dir(
+    path: Path, tokenizer_dir: Path | None = None, *, allow_pickle: bool = False, vae: Path | None = None
+) -> Checkpoint:
     """Load a diffusers folder (``model_index.json``, ``text_encoder/``, ``tokenizer/``, ``unet/``, ``vae/``,
     ``scheduler/``) as fp32 eval-mode modules, from local files only.
 
-    ``tokenizer_dir`` replaces (or stands in for a missing) ``tokenizer/``. Pickle weights (``.bin``) are refused
-    unless ``allow_pickle``. ``arch`` is the known architecture the configs match, or ``None``.
+    ``tokenizer_dir`` replaces (or stands in for a missing) ``tokenizer/``; without either, a CLIP-sized text
+    encoder gets CLIP's own tokenizer. ``vae`` (a VAE file or folder) replaces ``vae/``. Pickle weights (``.bin``)
+    are refused unless ``allow_pickle``. ``arch`` is the known architecture the configs match, or ``None``.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -92,10 +95,19 @@ def load_diffusers_dir(path: Path, tokenizer_dir: Path | None = None, *, allow_p
     family = family_of(configs)
     arch = match_arch(configs, hint=_read_arch_hint(path))
 
-    tokenizer = _load_tokenizer(path, tokenizer_dir, configs["text_encoder"])
-    weights = {comp: _find_weights(path / comp, comp, allow_pickle) for comp in _WEIGHT_STEMS}
+    tokenizer = _load_tokenizer(path, tokenizer_dir, configs["text_encoder"], family)
+    comps = [c for c in _WEIGHT_STEMS if not (c == "vae" and vae is not None)]
+    weights = {comp: _find_weights(path / comp, comp, allow_pickle) for comp in comps}
     classes = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
-    models = {comp: _load_component(path / comp, classes[comp], *weights[comp]) for comp in _WEIGHT_STEMS}
+    models = {comp: _load_component(path / comp, classes[comp], *weights[comp]) for comp in comps}
+    notes: tuple[str, ...] = ()
+    if vae is not None:
+        from sdtrt.checkpoint.vae import build_vae, check_vae, read_vae
+
+        vae_state, vae_config = read_vae(vae, allow_pickle=allow_pickle)
+        check_vae(vae, vae_state, vae_config, configs["vae"])
+        models["vae"] = build_vae(vae, vae_state, configs["vae"])
+        notes = (f"VAE from {vae}",)
     for model in models.values():
         if model.dtype != torch.float32:  # fp16 variants
             model.to(torch.float32)
@@ -111,6 +123,8 @@ def load_diffusers_dir(path: Path, tokenizer_dir: Path | None = None, *, allow_p
         unet=models["unet"],
         vae=models["vae"],
         scheduler_config=configs["scheduler"],
+        notes=notes,
+        vae_source=vae,
     )
 
 
@@ -153,8 +167,9 @@ def _read_json(f: Path) -> dict[str, Any]:
 
 def _check_pipeline(path: Path, index: dict[str, Any]) -> None:
     name = index.get("_class_name", "?")
-    if "text_encoder_2" in index or "XL" in str(name):
-        raise CheckpointError(f"{path}: {name} (SDXL) checkpoints are not supported yet")
+    det = detect_configs({}, index)
+    if det.family == "sdxl":
+        raise det.refusal(path)
     missing = [c for c in ("text_encoder", "unet", "vae") if c not in index]
     if missing:
         raise CheckpointError(
@@ -182,10 +197,9 @@ def _check_supported(path: Path, configs: dict[str, dict[str, Any]]) -> None:
         )
     if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise CheckpointError(f"{unet_cfg}: {unet['_class_name']} is not supported yet (only UNet2DConditionModel)")
-    in_ch = unet.get("in_channels", 4)
-    if in_ch != 4:
-        kind = _UNET_KINDS.get(in_ch, "not a text-to-image model")
-        raise CheckpointError(f"{unet_cfg}: unet has in_channels={in_ch} ({kind}): not supported yet")
+    det = detect_configs(configs)
+    if det.unsupported is not None:
+        raise det.refusal(path)
     if unet.get("out_channels", 4) != 4:
         raise CheckpointError(f"{unet_cfg}: unet has out_channels={unet['out_channels']}: not supported yet")
     for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
@@ -214,14 +228,9 @@ def _read_arch_hint(path: Path) -> str | None:
     return arch if isinstance(arch, str) else None
 
 
-def _load_tokenizer(path: Path, tokenizer_dir: Path | None, te_config: dict[str, Any]):
-    if tokenizer_dir is None:
-        tokenizer_dir = path / "tokenizer"
-        if not tokenizer_dir.exists():
-            raise CheckpointError(
-                f"{path}: has no tokenizer/ folder; pass --tokenizer DIR (a CLIP tokenizer folder with vocab.json and merges.txt)"
-            )
-    return load_tokenizer_for(Path(tokenizer_dir), te_config)
+def _load_tokenizer(path: Path, tokenizer_dir: Path | None, te_config: dict[str, Any], family: str):
+    explicit = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    return resolve_tokenizer(path, path / "tokenizer", explicit, te_config, family)
 
 
 def _find_weights(comp_dir: Path, comp: str, allow_pickle: bool) -> tuple[Path, str | None, bool]:

@@ -25,6 +25,8 @@ class Checkpoint:
     unet: Any  # diffusers.UNet2DConditionModel
     vae: Any  # diffusers.AutoencoderKL
     scheduler_config: dict[str, Any]
+    notes: tuple[str, ...] = ()  # what loading chose for the user (EMA or not, another VAE), for the summary
+    vae_source: Path | None = None  # the --vae file or folder, when the VAE is not the checkpoint's own
 
     @property
     def prediction_type(self) -> str:

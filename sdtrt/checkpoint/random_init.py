@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sdtrt import __version__
 from sdtrt.checkpoint.archs import arch_spec, build_models, read_component_configs
+from sdtrt.checkpoint.clip_vocab import CLIP_VOCAB_SIZE, clip_tokenizer
 from sdtrt.checkpoint.tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, write_generated_tokenizer
 from sdtrt.errors import CheckpointError
 from sdtrt.fsutil import atomic_dir
@@ -37,7 +38,7 @@ def init_random(
 ) -> Path:
     """Write a diffusers-format checkpoint folder of ``arch`` with random weights seeded by ``seed``; return it.
 
-    The folder has ``model_index.json``, ``text_encoder/``, ``tokenizer/`` (generated), ``unet/``, ``vae/``,
+    The folder has ``model_index.json``, ``text_encoder/``, ``tokenizer/`` (CLIP's for the full-size archs, a generated one of the text encoder's small vocabulary for the tiny ones), ``unet/``, ``vae/``,
     ``scheduler/`` and ``sdtrt_arch.json``; weights are fp32 safetensors, identical for identical seeds. It is
     written atomically: on failure nothing is left behind. An existing non-empty ``out_dir`` is an error unless
     ``overwrite``. ``progress`` is called with a short description at each stage (full-size archs take about
@@ -51,7 +52,7 @@ def init_random(
         raise CheckpointError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(
-            f"{out_dir}: folder exists and is not empty (pass overwrite=True / --overwrite to replace it)"
+            f"{out_dir}: folder exists and is not empty (pass --overwrite to replace it)"
         )
     configs = read_component_configs(spec.config_dir)
 
@@ -78,10 +79,12 @@ def init_random(
             spec.config_dir / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json"
         )
         shutil.copyfile(spec.config_dir / "model_index.json", tmp / "model_index.json")
-        pad = SD2_PAD_TOKEN if spec.family == "sd2" else EOS_TOKEN
-        write_generated_tokenizer(
-            tmp / "tokenizer", configs["text_encoder"]["vocab_size"], TOKENIZER_SEED, pad_token=pad
-        )
+        vocab_size = configs["text_encoder"]["vocab_size"]
+        if vocab_size == CLIP_VOCAB_SIZE:  # full-size archs: CLIP's real tokenizer, as the real models have
+            clip_tokenizer(spec.family).save_pretrained(str(tmp / "tokenizer"))
+        else:  # tiny archs embed a small vocabulary: a generated tokenizer of that size
+            pad = SD2_PAD_TOKEN if spec.family == "sd2" else EOS_TOKEN
+            write_generated_tokenizer(tmp / "tokenizer", vocab_size, TOKENIZER_SEED, pad_token=pad)
         meta = {"arch": spec.name, "family": spec.family, "seed": seed, "made_by": f"sdtrt {__version__} init_random"}
         (tmp / ARCH_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     stage(f"wrote {out_dir}")

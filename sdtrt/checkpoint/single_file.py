@@ -24,15 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.checkpoint.archs import KNOWN_ARCHS, arch_spec, build_models, family_of, read_component_configs
+from sdtrt.checkpoint.clip_vocab import resolve_tokenizer
+from sdtrt.checkpoint.detect import detect_configs, detect_state
 from sdtrt.checkpoint.ldm_layout import (
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
     UNET_PREFIX,
+    VAE_PREFIX,
     canonical_clip_keys,
     original_key_map,
 )
 from sdtrt.checkpoint.model import Checkpoint
-from sdtrt.checkpoint.tokenizer import load_tokenizer_for
 from sdtrt.errors import CheckpointError, one_line
 
 logger = logging.getLogger(__name__)
@@ -77,30 +79,55 @@ def load_single_file(
     config_dir: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
     allow_pickle: bool = False,
+    vae: str | Path | None = None,
+    ema: bool = False,
 ) -> Checkpoint:
     """Load an original-layout single-file checkpoint into fp32, eval-mode modules.
 
-    The architecture is recognised among the known ones (``tiny-sd1``, ``tiny-sd2``, ``sd15``, ``sd21``) or,
-    with ``config_dir`` (a diffusers-format folder of text_encoder/unet/vae/scheduler configs), checked against
-    that one only; ``scheduler_config`` (and so the prediction type) comes from the same place. EMA weights
-    (``model_ema.*``) are ignored; fp16/bf16 files are cast to fp32. Pickle files (``.ckpt``, ``.pt``, ``.pth``,
-    ``.bin``) are refused unless ``allow_pickle``.
+    First ``detect.detect_state`` names what the file is, and anything sdtrt cannot export (inpainting, SDXL,
+    LoRA, a VAE alone, ...) is refused with that name, whatever ``config_dir`` says. The architecture is then
+    recognised among the known ones (``tiny-sd1``, ``tiny-sd2``, ``sd15``, ``sd21``) or, with ``config_dir`` (a
+    diffusers-format folder of text_encoder/unet/vae/scheduler configs), checked against that one only;
+    ``scheduler_config`` (and so the prediction type) comes from the same place. A file with EMA weights
+    (``model_ema.*``) loads its regular weights, or the EMA ones with ``ema``; ``vae`` (see ``sdtrt.checkpoint.vae``)
+    replaces the file's VAE or supplies a missing one. fp16/bf16 files are cast to fp32. Pickle files (``.ckpt``,
+    ``.pt``, ``.pth``, ``.bin``) are refused unless ``allow_pickle``.
     """
     path = Path(path)
-    state = read_state_dict(path, allow_pickle=allow_pickle)
-    n_ema = sum(k.startswith(_EMA_PREFIX) for k in state)
-    if n_ema:
-        logger.info("%s: ignoring %d EMA tensors (model_ema.*); using the regular weights", path, n_ema)
-        state = {k: v for k, v in state.items() if not k.startswith(_EMA_PREFIX)}
-    if not any(k.startswith(UNET_PREFIX) for k in state):
-        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no UNet weights found)")
+    state = _modern_clip_keys(read_state_dict(path, allow_pickle=allow_pickle))
+    det = detect_state({k: tuple(v.shape) for k, v in state.items()})
+    exportable = det.unsupported is None or (det.needs_vae and vae is not None) or (det.kind == "ema-only" and ema)
+    if not exportable:
+        raise det.refusal(path)
+    if ema and det.ema == "none":
+        raise CheckpointError(f"{path}: --ema given, but the file has no EMA weights (model_ema.*)")
+    state, notes = _pick_weights(path, state, ema)
+    if det.kind == "ema-only":  # now that the EMA UNet is in place, name what it is
+        det = detect_state({k: tuple(v.shape) for k, v in state.items()})
+        if det.unsupported is not None and not (det.needs_vae and vae is not None):
+            raise det.refusal(path)
+    vae_config = None
+    if vae is not None:
+        from sdtrt.checkpoint.vae import check_latents, read_vae
+
+        vae_state, vae_config = read_vae(Path(vae), allow_pickle=allow_pickle)
+        conv_in = state.get(_CONV_IN)
+        if conv_in is not None:  # the UNet's input channels are the latent channels (4 for what gets this far)
+            check_latents(Path(vae), vae_state, int(conv_in.shape[1]))
+        state = {k: v for k, v in state.items() if not k.startswith(VAE_PREFIX)} | vae_state
+        notes += (f"VAE from {vae}",)
 
     candidates = [_config_candidate(Path(config_dir))] if config_dir is not None else _known_candidates()
     cand = _recognise(path, state, candidates)
-    tokenizer = _load_tokenizer(path, tokenizer_dir, cand.configs["text_encoder"])
+    if vae is not None:
+        from sdtrt.checkpoint.vae import check_scaling
+
+        check_scaling(Path(vae), vae_config, cand.configs["vae"])
+    _check_alphas(path, state, cand.configs["scheduler"])
+    tokenizer = _load_tokenizer(path, tokenizer_dir, cand.configs["text_encoder"], cand.family)
     weights = _to_fp32(path, _convert(state, cand))
     del state
-    text_encoder, unet, vae = _build_and_load(path, weights, cand)
+    text_encoder, unet, vae_model = _build_and_load(path, weights, cand)
 
     arch = cand.name
     if arch is None:
@@ -116,9 +143,81 @@ def load_single_file(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        vae=vae,
+        vae=vae_model,
         scheduler_config=cand.configs["scheduler"],
+        notes=notes,
+        vae_source=Path(vae) if vae is not None else None,
     )
+
+
+def _modern_clip_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """Old SD 1.x files store CLIP without the ``text_model.`` level (transformers < 4.x names); add it."""
+    old = SD1_TEXT_PREFIX + "embeddings."
+    if not any(k.startswith((old, SD1_TEXT_PREFIX + "encoder.", SD1_TEXT_PREFIX + "final_layer_norm.")) for k in state):
+        return state
+    return {
+        (SD1_TEXT_PREFIX + "text_model." + k[len(SD1_TEXT_PREFIX):]
+         if k.startswith(SD1_TEXT_PREFIX) and not k.startswith(SD1_TEXT_PREFIX + "text_model.") else k): v
+        for k, v in state.items()
+    }
+
+
+def _pick_weights(path: Path, state: dict[str, Any], ema: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The UNet weights to load: regular, or (``ema``) the ``model_ema.`` copies, whose names are the UNet's
+    without ``model.`` and without dots (``model_ema.diffusion_modelinput_blocks00weight``)."""
+    ema_keys = {k for k in state if k.startswith(_EMA_PREFIX)}
+    if not ema_keys:
+        return state, ()
+    rest = {k: v for k, v in state.items() if k not in ema_keys}
+    if not ema:
+        logger.info("%s: %d EMA tensors (model_ema.*) not used; --ema loads them", path, len(ema_keys))
+        return rest, ("EMA weights present: using the regular ones (--ema for the EMA ones)",)
+    flat = {k[len(_EMA_PREFIX):]: state[k] for k in ema_keys}
+    unet_keys = [k for k in rest if k.startswith(UNET_PREFIX)]
+    if not unet_keys:  # an EMA-only file: rebuild the UNet names from the flattened ones
+        unet_keys = _unflatten_ema_names(flat)
+    picked, missing = {}, []
+    for k in unet_keys:
+        name = "".join(k.split(".")[1:])
+        if name in flat:
+            picked[k] = flat[name]
+        else:
+            missing.append(k)
+    if missing:
+        raise CheckpointError(f"{path}: --ema: no EMA copy of {len(missing)} UNet tensors (e.g. {missing[0]})")
+    out = {k: v for k, v in rest.items() if not k.startswith(UNET_PREFIX)} | picked
+    return out, (f"EMA weights: using them for the UNet ({len(picked)} tensors)",)
+
+
+def _unflatten_ema_names(flat: dict[str, Any]) -> list[str]:
+    """UNet keys of the known layouts whose flattened names are in ``flat`` (an EMA-only file)."""
+    names = {}
+    for cand in _known_candidates():
+        lpb = _layers_per_block(cand.configs["unet"])
+        for k in original_key_map("unet", _expected_shapes(cand)["unet"], family=cand.family, layers_per_block=lpb).values():
+            names.setdefault("".join(k.split(".")[1:]), k)
+    return [names[n] for n in flat if n in names]
+
+
+def _check_alphas(path: Path, state: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    """Warn when the file's ``alphas_cumprod`` (the noise schedule it was trained with) is not the scheduler's."""
+    import torch
+
+    got = state.get("alphas_cumprod")
+    if got is None:
+        return
+    n = int(scheduler.get("num_train_timesteps", 1000))
+    start, end = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
+    if scheduler.get("beta_schedule", "scaled_linear") == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(start, end, n, dtype=torch.float64)
+    want = torch.cumprod(1 - betas, 0)
+    got = got.to(torch.float64).flatten()
+    if got.shape != want.shape or float((got - want).abs().max()) > 1e-4:
+        logger.warning("%s: its alphas_cumprod (the noise schedule it was trained with) differs from the scheduler "
+                       "config's %s %s..%s over %d steps; images may be off", path,
+                       scheduler.get("beta_schedule", "scaled_linear"), start, end, n)
 
 
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
@@ -193,6 +292,9 @@ def _config_candidate(config_dir: Path) -> _Candidate:
     if not config_dir.is_dir():
         raise CheckpointError(f"{config_dir}: config folder not found (expected a diffusers-format folder)")
     configs = read_component_configs(config_dir)
+    det = detect_configs(configs)
+    if det.unsupported is not None:  # --config describes a model sdtrt cannot run: refused like the file would be
+        raise det.refusal(config_dir)
     prediction = configs["scheduler"].get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise CheckpointError(
@@ -427,13 +529,6 @@ def _layers_per_block(unet_config: dict[str, Any]) -> int:
     return int(n[0] if isinstance(n, (list, tuple)) else n)
 
 
-def _load_tokenizer(path: Path, tokenizer_dir: str | Path | None, te_config: dict[str, Any]):
-    if tokenizer_dir is None:
-        tokenizer_dir = path.parent / "tokenizer"
-        if not tokenizer_dir.is_dir():
-            raise CheckpointError(
-                f"{path}: no tokenizer found beside the checkpoint (looked for {tokenizer_dir}); pass --tokenizer DIR "
-                "with a CLIP tokenizer folder (e.g. the tokenizer/ of a diffusers checkpoint)"
-            )
-    return load_tokenizer_for(Path(tokenizer_dir), te_config)
-
+def _load_tokenizer(path: Path, tokenizer_dir: str | Path | None, te_config: dict[str, Any], family: str):
+    explicit = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    return resolve_tokenizer(path, path.parent / "tokenizer", explicit, te_config, family)

@@ -246,7 +246,7 @@ def _check_writable_target(out_dir: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(
-            f"{out_dir}: folder exists and is not empty (pass overwrite=True / --overwrite to replace it)"
+            f"{out_dir}: folder exists and is not empty (pass --overwrite to replace it)"
         )
 
 

@@ -96,7 +96,8 @@ def test_tokenizer_dir_replaces_missing_tokenizer(sd1_copy, tiny_sd2_dir):
     shutil.rmtree(sd1_copy / "tokenizer")
     msg = _error(sd1_copy)
     assert msg == (
-        f"{sd1_copy}: has no tokenizer/ folder; pass --tokenizer DIR (a CLIP tokenizer folder with vocab.json and merges.txt)"
+        f"{sd1_copy}: no tokenizer found (looked for {sd1_copy / 'tokenizer'}) and the text encoder's 1000 tokens are "
+        "not CLIP's vocabulary; pass --tokenizer DIR with a CLIP tokenizer folder"
     )
     ckpt = load_checkpoint(sd1_copy, tokenizer_dir=tiny_sd2_dir / "tokenizer")
     assert ckpt.tokenizer.pad_token == "!"  # the tiny-sd2 tokenizer was used
@@ -208,15 +209,16 @@ def test_pickle_weights_need_allow_pickle(sd1_copy):
 @pytest.mark.parametrize(
     ("file", "changes", "message"),
     [
-        ("unet/config.json", {"in_channels": 9}, "unet has in_channels=9 (an inpainting model): not supported yet"),
-        ("unet/config.json", {"in_channels": 5}, "unet has in_channels=5 (a depth-to-image model): not supported yet"),
+        ("unet/config.json", {"in_channels": 9}, "a Stable Diffusion 1.x inpainting model (9-channel UNet); inpainting is not supported yet"),
+        ("unet/config.json", {"in_channels": 5}, "a Stable Diffusion 1.x depth-to-image model (5-channel UNet); depth-to-image is not supported yet"),
         ("unet/config.json", {"class_embed_type": "projection"}, "unet uses class_embed_type='projection'"),
         ("unet/config.json", {"cross_attention_dim": 64}, "does not match text_encoder hidden_size=32"),
         ("vae/config.json", {"latent_channels": 16}, "vae has latent_channels=16: not supported yet"),
         ("vae/config.json", {"_class_name": "AutoencoderTiny"}, "AutoencoderTiny is not supported yet"),
         ("text_encoder/config.json", {"model_type": "t5"}, "only CLIP text encoders are supported"),
         ("scheduler/scheduler_config.json", {"prediction_type": "sample"}, "prediction_type 'sample': not supported"),
-        ("model_index.json", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "(SDXL)"),
+        ("model_index.json", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
+         "a Stable Diffusion XL base model; SDXL is not supported yet"),
     ],
 )
 def test_unsupported_variants_are_refused(sd1_copy, file, changes, message):
@@ -247,7 +249,8 @@ def test_load_checkpoint_sends_files_to_single_file(tmp_path, monkeypatch):
     f.write_bytes(b"x")
     out = load_checkpoint(str(f), config_dir=tmp_path, tokenizer_dir=str(tmp_path / "tok"), allow_pickle=True)
     assert out == "loaded"
-    assert calls == [(f, {"config_dir": tmp_path, "tokenizer_dir": tmp_path / "tok", "allow_pickle": True})]
+    assert calls == [(f, {"config_dir": tmp_path, "tokenizer_dir": tmp_path / "tok", "allow_pickle": True, "vae": None,
+                          "ema": False})]
 
 
 def test_load_checkpoint_config_dir_is_for_files_only(tiny_sd1_dir, tmp_path):
