@@ -23,9 +23,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    tmp_path.chmod(0o666 & ~umask)  # mkstemp makes it 0600
     try:
         yield tmp_path
+        # After the writer: mkstemp makes 0600, and so do writers that replace the file (safetensors' save_file).
+        tmp_path.chmod(0o666 & ~umask)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
