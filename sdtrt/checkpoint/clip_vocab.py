@@ -126,7 +126,9 @@ def resolve_tokenizer(source: Path, found: Path, explicit: Path | None, te_confi
         return tok
     if te_config.get("vocab_size") == CLIP_VOCAB_SIZE:
         return clip_tokenizer(family)
+    where = "in" if found.parent == source else "beside"
     raise CheckpointError(
-        f"{source}: no tokenizer found (looked for {found}) and the text encoder's {te_config.get('vocab_size')} "
+        f"{source}: no tokenizer found {where} the checkpoint (looked for {found}) and its text encoder's "
+        f"{te_config.get('vocab_size')} "
         "tokens are not CLIP's vocabulary; pass --tokenizer DIR with a CLIP tokenizer folder"
     )

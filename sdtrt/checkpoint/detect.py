@@ -111,8 +111,8 @@ def _sd(shapes: Shapes, has: set[str], ema: str) -> Detected:
         return Detected(f"{family or 'sd'}-{tag}", f"a {name} {what} checkpoint ({in_ch}-channel UNet)",
                         family=family, unsupported=f"{tag} is not supported yet", ema=ema)
     if SD1_TEXT not in has and SD2_TEXT not in has:
-        return Detected(f"{family or 'sd'}-unet", f"a {name} UNet without its text encoder", family=family,
-                        unsupported="sdtrt needs a whole checkpoint", ema=ema)
+        # No verdict: recognition lists what is missing against the closest known architecture.
+        return Detected(family or "sd", f"a {name} UNet without its text encoder", family=family, ema=ema)
     if VAE not in has:
         return Detected(family, f"a {name} checkpoint without VAE weights", family=family,
                         unsupported="pass --vae PATH (a VAE .safetensors or diffusers folder) to export it",

@@ -96,7 +96,7 @@ def test_tokenizer_dir_replaces_missing_tokenizer(sd1_copy, tiny_sd2_dir):
     shutil.rmtree(sd1_copy / "tokenizer")
     msg = _error(sd1_copy)
     assert msg == (
-        f"{sd1_copy}: no tokenizer found (looked for {sd1_copy / 'tokenizer'}) and the text encoder's 1000 tokens are "
+        f"{sd1_copy}: no tokenizer found in the checkpoint (looked for {sd1_copy / 'tokenizer'}) and its text encoder's 1000 tokens are "
         "not CLIP's vocabulary; pass --tokenizer DIR with a CLIP tokenizer folder"
     )
     ckpt = load_checkpoint(sd1_copy, tokenizer_dir=tiny_sd2_dir / "tokenizer")

@@ -309,7 +309,7 @@ def test_unsupported_file_type(tmp_path):
 def test_missing_tokenizer(sd1_file, tmp_path):
     f = Path(shutil.copy(sd1_file, tmp_path / "alone.safetensors"))
     assert _error(f) == (
-        f"{f}: no tokenizer found (looked for {tmp_path / 'tokenizer'}) and the text encoder's 1000 tokens are "
+        f"{f}: no tokenizer found beside the checkpoint (looked for {tmp_path / 'tokenizer'}) and its text encoder's 1000 tokens are "
         "not CLIP's vocabulary; pass --tokenizer DIR with a CLIP tokenizer folder"
     )
 
