@@ -100,7 +100,7 @@ def test_capacity_caps_a_pass_below_max_batch(runner):
     seen = []
 
     def capacity(request, limit):  # like an engine built for 2 images at this size
-        seen.append(limit)
+        seen.append((request.seed, limit))
         return 2
 
     b = Batcher(runner, BatcherSpec(max_batch=4, max_queue=16, window_s=0.0), Metrics(), capacity=capacity)
@@ -110,7 +110,8 @@ def test_capacity_caps_a_pass_below_max_batch(runner):
     for f in futures:
         f.result(10)
     b.close(10)
-    assert runner.passes[1:] == [[0, 1], [2, 3], [4]] and set(seen) == {4}
+    assert runner.passes[1:] == [[0, 1], [2, 3], [4]]
+    assert seen == [(999, 4), (0, 4), (2, 4), (4, 4)]  # asked with each pass's first request, up to max_batch
 
 
 def test_per_request_errors_fail_only_their_request():
@@ -158,7 +159,8 @@ def test_full_queue_refuses_all_or_nothing_with_retry_after(runner):
     admitted = b.submit([req(seed=1), req(seed=2)])
     with pytest.raises(QueueFull, match=r"the queue is full \(2 of 3 requests waiting\); retry later") as e:
         b.submit([req(seed=3), req(seed=4)])  # two would not fit: neither is admitted
-    assert e.value.retry_after >= 1
+    # (2 waiting / 2 per pass + this pass) x 1 s per pass (the first-pass estimate): 2 s
+    assert e.value.retry_after == 2
     assert b.depth == 2
     more = b.submit([req(seed=5)])
     runner.gate.set()
@@ -219,6 +221,31 @@ def test_metrics_count_passes_and_refusals(runner):
     assert "sdtrt_rejected_total 1.0" in text
     assert "sdtrt_batch_images_count 2.0" in text
     assert "sdtrt_queue_depth 0.0" in text
+    assert "sdtrt_batch_requests_sum 2.0" in text and "sdtrt_batch_images_sum 2.0" in text
+    # durations are differences of one clock: two waits and two passes of this short test, not clock readings
+    for name in ("queue_wait", "generate_seconds"):
+        metric = {"queue_wait": m.queue_wait, "generate_seconds": m.generate_seconds}[name]
+        (sample,) = [x for x in metric.collect()[0].samples if x.name.endswith("_sum")]
+        assert 0 <= sample.value < 60, (name, sample.value)
+
+
+def test_retry_after_follows_the_queue_and_is_capped(runner):
+    b = make(runner, max_batch=4, max_queue=64)
+    assert b.retry_after() == 1  # an empty queue: the next pass, 1 s
+    hold_first_pass(b, runner)
+    b.submit([req(seed=s) for s in range(10)])
+    assert b.retry_after() == 4  # ceil((10 / 4 + 1) x 1 s)
+    b._pass_seconds = 1000.0
+    assert b.retry_after() == 600
+    runner.gate.set()
+    b.close(10)
+
+
+def test_spec_limits_are_inclusive():
+    BatcherSpec(max_batch=1, max_queue=1, window_s=0.0)
+    BatcherSpec(max_batch=64, window_s=10)
+    with pytest.raises(UsageError, match="batch window must be between 0 and 10 s, got 10.5"):
+        BatcherSpec(window_s=10.5)
 
 
 @pytest.mark.parametrize(("spec", "message"), [
