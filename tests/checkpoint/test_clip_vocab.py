@@ -124,3 +124,18 @@ def test_a_different_vocabulary_file_is_not_taken_for_clips(monkeypatch):
     monkeypatch.setattr(clip_vocab, "VOCAB_SHA256", "0" * 64)
     with pytest.raises(CheckpointError, match=r"differ from CLIP's\): `pip install"):
         clip_vocab.vocab_file()
+
+
+@pytest.mark.parametrize(("arch", "pad"), [("sd15", "<|endoftext|>"), ("sd21", "!")])
+def test_init_random_full_size_writes_clips_tokenizer(tmp_path, monkeypatch, arch, pad):
+    from sdtrt.checkpoint import random_init
+    from sdtrt.checkpoint.archs import CONFIG_ROOT, build_models, read_component_configs
+    from sdtrt.checkpoint.tokenizer import load_tokenizer
+
+    # The weights stay tiny (full-size ones are 4 GB); the tokenizer is what the full-size arch gets.
+    tiny = read_component_configs(CONFIG_ROOT / "tiny-sd1")
+    monkeypatch.setattr(random_init, "build_models", lambda configs: build_models(tiny))
+    d = random_init.init_random(tmp_path / arch, arch)
+    tok = load_tokenizer(d / "tokenizer")
+    assert len(tok) == CLIP_VOCAB_SIZE and tok.pad_token == pad
+    assert clip_disagreement(tok) is None
