@@ -249,7 +249,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if args.prediction_type:
         ckpt = dataclasses.replace(ckpt, scheduler_config={**ckpt.scheduler_config, "prediction_type": args.prediction_type})
     load_options = {"config_dir": str(args.config.resolve()) if args.config else None, "allow_pickle": args.allow_pickle}
-    manifest = export_checkpoint(ckpt, args.workdir, spec, progress=not args.quiet, load_options=load_options)
+    manifest = export_checkpoint(ckpt, args.workdir, spec, progress=not args.quiet, load_options=load_options,
+                                 release=True)  # loaded for this export only: free each module when done
     if args.quiet:
         return
     print(f"exported {ckpt.arch or ckpt.family} ({ckpt.format}) to {args.workdir}")

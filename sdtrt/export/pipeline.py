@@ -29,7 +29,7 @@ from sdtrt.export.manifest import FORMAT_VERSION, MANIFEST
 from sdtrt.export.spec import ExportSpec
 from sdtrt.export.unet import unet_export
 from sdtrt.export.vae import vae_decoder_export, vae_encoder_export, vae_scale_factor
-from sdtrt.export.validate import raise_if_failed, validate_component
+from sdtrt.export.validate import compare_with_onnx, raise_if_failed, reference_cases
 from sdtrt.fsutil import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,20 @@ def _components(ckpt: Checkpoint, names: tuple[str, ...]) -> list[ComponentExpor
         "vae_encoder": lambda: vae_encoder_export(ckpt),
     }
     return [makers[n]() for n in names]
+
+
+def _model_info(ckpt: Checkpoint) -> dict[str, Any]:
+    """What the manifest says of the model (its configs, not its weights)."""
+    return {
+        "family": ckpt.family,
+        "prediction_type": ckpt.prediction_type,
+        "vae_scale_factor": vae_scale_factor(ckpt),
+        "vae_scaling_factor": float(ckpt.vae.config.scaling_factor),
+        "latent_channels": int(ckpt.unet.config.in_channels),
+        "text_hidden_size": int(ckpt.text_encoder.config.hidden_size),
+        "max_length": MAX_LENGTH,
+        "default_size": int(ckpt.unet.config.sample_size) * vae_scale_factor(ckpt),
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -90,11 +104,21 @@ def _previous_entries(workdir: Path, manifest: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _release(done: ComponentExport, later: list[ComponentExport]) -> None:
+    """Free the weights of ``done``'s module (moved to the meta device) unless a later component shares them (the
+    two VAE graphs share one VAE)."""
+    shared = {id(p) for c in later for p in c.module.parameters()}
+    if not any(id(p) in shared for p in done.module.parameters()):
+        done.module.to("meta")
+
+
 def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *, progress: bool = True,
-                      load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                      load_options: dict[str, Any] | None = None, release: bool = False) -> dict[str, Any]:
     """Export ``spec.components`` of ``ckpt`` into ``workdir``; returns the manifest written. ``load_options``
     (``config_dir``, ``allow_pickle``) are how the checkpoint was loaded, recorded so the torch backend can load
-    it the same way."""
+    it the same way. ``release``: the caller hands ``ckpt`` over: each torch module's weights are freed once its
+    graph is traced and its references computed (a full-size export then holds one model at a time), and ``ckpt``
+    must not be used afterwards."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=workdir))
@@ -102,18 +126,25 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
         comps = _components(ckpt, spec.components)
         entries: dict[str, Any] = {}
         bar = tqdm(total=len(comps) * (2 if spec.validate else 1), desc="export", unit="step", disable=not progress)
-        for comp in comps:
+        model_info = _model_info(ckpt)  # read before any module is released
+        for i, comp in enumerate(comps):
             precision = spec.precision_of(comp.name)
             bar.set_description(f"export {comp.name} ({precision})")
+            # the torch references first: with ``release`` the module is gone before ONNX Runtime loads the graph
+            cases = reference_cases(comp, precision) if spec.validate else []
             trace_args = comp.make_inputs(*comp.check_sizes[0], torch.Generator().manual_seed(0))
+            later = comps[i + 1:]
             files = export_graph(comp.module, trace_args, comp.io, staging / "onnx" / f"{comp.name}.onnx",
-                                 precision=precision, opset=spec.opset)
+                                 precision=precision, opset=spec.opset,
+                                 traced=(lambda comp=comp, later=later: _release(comp, later)) if release else None)
+            del trace_args
             bar.update(1)
             validation = None
             if spec.validate:
                 log.info("validating %s", comp.name)
                 bar.set_description(f"validate {comp.name}")
-                results = validate_component(comp, files[0], precision)
+                results = compare_with_onnx(comp, files[0], precision, cases)
+                del cases
                 validation = [{e.output: e.as_dict() for e in errs} for errs in results]
                 for errs in results:
                     for e in errs:
@@ -142,16 +173,7 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
             "versions": _versions(),
             "opset": spec.opset,
             "precision": {"default": spec.precision, "vae": spec.vae_precision or spec.precision},
-            "model": {
-                "family": ckpt.family,
-                "prediction_type": ckpt.prediction_type,
-                "vae_scale_factor": vae_scale_factor(ckpt),
-                "vae_scaling_factor": float(ckpt.vae.config.scaling_factor),
-                "latent_channels": int(ckpt.unet.config.in_channels),
-                "text_hidden_size": int(ckpt.text_encoder.config.hidden_size),
-                "max_length": MAX_LENGTH,
-                "default_size": int(ckpt.unet.config.sample_size) * vae_scale_factor(ckpt),
-            },
+            "model": model_info,
             "components": entries,
         }
 

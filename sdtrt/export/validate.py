@@ -72,31 +72,51 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def validate_component(comp: ComponentExport, path: Path, precision: str, seed: int = 0) -> list[list[OutputError]]:
-    """Run ``path`` in ONNX Runtime and ``comp.module`` in torch on the same inputs, for each check size.
-    Returns the errors per check size; raises nothing (the caller decides what fails)."""
-    session = _session(path)
-    in_types = {i.name: i.type for i in session.get_inputs()}
-    results: list[list[OutputError]] = []
+@dataclass(frozen=True)
+class Case:
+    """One check: the inputs as ONNX Runtime is fed them, and the torch module's outputs on the same values."""
+
+    feeds: dict[str, np.ndarray]
+    refs: tuple[np.ndarray, ...]
+
+
+def reference_cases(comp: ComponentExport, precision: str, seed: int = 0) -> list[Case]:
+    """The torch module's outputs at each check size. Float inputs of fp16 graphs (all but the fp32 inputs) are
+    rounded to fp16 first and the module sees the same rounded values. Computed before the graph is exported, so an
+    exporter that owns the checkpoint can free the module before ONNX Runtime loads the graph."""
     gen = torch.Generator().manual_seed(seed)
+    cases = []
     for batch, height, width in comp.check_sizes:
         args = comp.make_inputs(batch, height, width, gen)
         feeds: dict[str, np.ndarray] = {}
         torch_args = []
         for spec, value in zip(comp.inputs, args, strict=True):
             arr = value.numpy()
-            if in_types[spec.name] == "tensor(float16)":
+            if precision == "fp16" and spec.dtype == "float" and spec.name not in comp.io.fp32_inputs:
                 arr = arr.astype(np.float16)
                 value = torch.from_numpy(arr.astype(np.float32))
             feeds[spec.name] = arr
             torch_args.append(value)
         with torch.no_grad():
             ref = comp.module(*torch_args)
-        refs = ref if isinstance(ref, tuple) else (ref,)
-        outs = session.run([s.name for s in comp.outputs], feeds)
+        cases.append(Case(feeds, tuple(r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,)))))
+    return cases
+
+
+def compare_with_onnx(comp: ComponentExport, path: Path, precision: str, cases: list[Case]) -> list[list[OutputError]]:
+    """Run ``path`` in ONNX Runtime on each case and measure its outputs against the torch references.
+    Returns the errors per case; raises nothing (the caller decides what fails)."""
+    session = _session(path)
+    fp16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+    results: list[list[OutputError]] = []
+    for case in cases:
+        fed = {name for name, arr in case.feeds.items() if arr.dtype == np.float16}
+        if fed != fp16_inputs:
+            raise ExportError(f"{comp.name}: the exported graph's fp16 inputs are {sorted(fp16_inputs)}, the check "
+                              f"rounded {sorted(fed)} to fp16")
+        outs = session.run([s.name for s in comp.outputs], case.feeds)
         errors = []
-        for spec, got, want in zip(comp.outputs, outs, refs, strict=True):
-            want = want.numpy()
+        for spec, got, want in zip(comp.outputs, outs, case.refs, strict=True):
             if got.shape != want.shape:
                 raise ExportError(f"{comp.name}: output {spec.name} has shape {got.shape} in ONNX Runtime, {want.shape} in torch")
             diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
@@ -120,6 +140,11 @@ def validate_component(comp: ComponentExport, path: Path, precision: str, seed: 
             )
         results.append(errors)
     return results
+
+
+def validate_component(comp: ComponentExport, path: Path, precision: str, seed: int = 0) -> list[list[OutputError]]:
+    """Run ``path`` in ONNX Runtime and ``comp.module`` in torch on the same inputs, for each check size."""
+    return compare_with_onnx(comp, path, precision, reference_cases(comp, precision, seed))
 
 
 def raise_if_failed(component: str, precision: str, results: list[list[OutputError]]) -> None:
