@@ -59,14 +59,14 @@ prepare() {
         if [ "$VALIDATE" != 1 ]; then flags+=(--no-validate); fi
         sdtrt export "$CKPT" "$WD" --precision "$PRECISION" "${flags[@]}" -q
     fi
-    # TensorRT engines only where a builder exists (the lent machines have none today: the tensorrt contenders are
-    # then skipped, with the reason in the JSON).
+    # TensorRT engines only where a builder for this GPU exists (TensorRT proper; TensorRT-RTX does not run on the
+    # lent Hopper machines): otherwise the tensorrt contenders are skipped, with the reason in the JSON.
     if python3 -c "import tensorrt" 2>/dev/null && sdtrt build --help >/dev/null 2>&1; then
         if ! compgen -G "$WD/engines/*.plan" >/dev/null; then
             log "build TensorRT engines"
             # one engine set for every batch size benched: dynamic batch up to the largest, sides fixed at SIZE
             max_batch=$(tr ',' '\n' <<<"$BATCHES" | sort -n | tail -1)
-            sdtrt build "$WD" --dynamic --max-batch "$max_batch" --height "$SIZE" --width "$SIZE" \
+            sdtrt build "$WD" --tensorrt tensorrt --dynamic --max-batch "$max_batch" --height "$SIZE" --width "$SIZE" \
                 --min-side "$SIZE" --max-side "$SIZE" -q || log "engine build failed; the tensorrt contenders will be skipped"
         fi
     else

@@ -10,7 +10,6 @@ cleared before each request, so both sides encode the prompt and the negative pr
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -244,12 +243,12 @@ def unavailable_reason(name: str, workdir: Path, source: Path, cuda: bool) -> st
     if name.startswith("sdtrt-tensorrt"):
         if not cuda:
             return "TensorRT needs an NVIDIA GPU"
-        if importlib.util.find_spec("tensorrt") is None:
-            return "the tensorrt package is not installed"
-        if importlib.util.find_spec("sdtrt.runtime.backends.trt_backend") is None:
-            return "this sdtrt has no TensorRT backend yet"
-        if not any((workdir / "engines").glob("*.plan")):
-            return f"{workdir} has no engines (run `sdtrt build`)"
+        from sdtrt.export.manifest import read_manifest
+        from sdtrt.runtime.backends.trt_backend import engines_ready
+
+        reason = engines_ready(workdir, read_manifest(workdir))  # flavour installed, every engine there and fresh
+        if reason is not None:
+            return f"{reason} (run `sdtrt build {workdir}`)"
     if name == "sdtrt-onnxruntime" and cuda:
         from sdtrt.runtime.backends import resolve_backend_name
 
