@@ -89,6 +89,8 @@ def multistep_grid(
         timesteps = schedule.sigma_to_t(sigmas, np.log(sigmas_train))
         if unipc or cfg["beta_schedule"] != "squaredcos_cap_v2":
             timesteps = timesteps.round()
+        # diffusers stores timesteps as int64: the unrounded (cosine) ones reach the UNet truncated
+        timesteps = np.trunc(timesteps)
         sigma_min_final = sigmas[-1] if unipc else sigmas_train[0]
     else:
         sigmas = schedule.interp_sigmas(timesteps, sigmas_train)

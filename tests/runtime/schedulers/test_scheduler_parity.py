@@ -186,6 +186,11 @@ VARIANTS = {
     "dpmpp_2m-no_lower_final": ("dpmpp_2m", {**_SD2_V, "timestep_spacing": "trailing", "lower_order_final": False}),
     "dpmpp_2m-euler_at_final": ("dpmpp_2m", {**_SD15_EPS, "euler_at_final": True, "final_sigmas_type": "sigma_min"}),
     "dpmpp_2m-zero_snr": ("dpmpp_2m", _ZERO_SNR),
+    "dpmpp_2m-bh2": ("dpmpp_2m", {**_SD15_EPS, "solver_type": "bh2"}),  # diffusers maps it to midpoint
+    # lambda_t of SD's schedule reaches -2.7 at t = 999: -2 clips the grid's top ~80 timesteps
+    "dpmpp_2m-lambda_clipped": ("dpmpp_2m", {**_SD2_V, "lambda_min_clipped": -2.0}),
+    # Karras timesteps stay unrounded with the cosine schedule (diffusers' rule)
+    "dpmpp_2m_karras-cosine": ("dpmpp_2m_karras", {**_SD15_EPS, "beta_schedule": "squaredcos_cap_v2"}),
     # Not with zero SNR: the rounded Karras timesteps then repeat 999, diffusers' step-index lookup takes the
     # second occurrence and indexes past its sigmas (IndexError at 25 steps).
     "dpmpp_2m_karras-trailing": ("dpmpp_2m_karras", {**_SD2_V, "timestep_spacing": "trailing"}),
