@@ -1,5 +1,8 @@
 """The ``sdtrt`` command line: flags map to frozen config dataclasses here and nowhere else.
 
+Start-up stays light: torch, diffusers, transformers and onnx are imported by the command that needs them, not
+here (``benchmarks/startup.py`` measures it).
+
 Any ``SdtrtError`` (bad input, failed validation) becomes one line on stderr and exit code 2; ``--debug`` shows
 the traceback instead. Anything else is a bug: one line saying so, exit code 1.
 """
@@ -27,9 +30,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (for scripts)")
+# Choices of --backend, spelled here so that building the parser imports no torch; a test checks that they are
+# sdtrt.runtime.backends.BACKENDS.
+BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+def _common(p: argparse.ArgumentParser, *, sub: bool = True) -> None:
+    # A subcommand's flags default to "not given" (SUPPRESS) so that `sdtrt -q CMD` keeps the global -q.
+    default = argparse.SUPPRESS if sub else False
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks and library logs")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress bars or summaries (for scripts)")
 
 
 def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
@@ -42,15 +53,19 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the checkpoint's prediction type (e.g. epsilon for a single-file SD 2.x *base* model, "
                         "whose tensors look exactly like the 768-v model's)")
+    p.add_argument("--vae", type=Path, metavar="PATH",
+                   help="another VAE: a .safetensors file (original or diffusers layout) or a diffusers VAE folder; "
+                        "also what a checkpoint without VAE weights needs")
+    p.add_argument("--ema", action="store_true",
+                   help="use the EMA weights of a file that has them (default: the regular ones)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sdtrt.checkpoint.archs import KNOWN_ARCHS
     from sdtrt.export.spec import COMPONENTS, DEFAULT_OPSET, PRECISIONS
-    from sdtrt.runtime.backends import BACKENDS
 
     parser = _Parser(prog="sdtrt", description="TensorRT-accelerated Stable Diffusion: export, build, generate.")
-    _common(parser)
+    _common(parser, sub=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("init-random", help="write a diffusers-format checkpoint with random weights")
@@ -205,12 +220,17 @@ def _configure_logging(debug: bool) -> None:
 
 
 def _quiet_libraries() -> None:
-    """transformers and diffusers draw their own loading bars; ours say more."""
-    import diffusers
-    import transformers
+    """transformers and huggingface_hub draw their own loading bars; ours say more. Said through the environment:
+    importing them here would cost every command seconds (diffusers has no such variable: ``_quiet_diffusers``)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
+
+def _quiet_diffusers(args: argparse.Namespace) -> None:
+    """For commands that import diffusers anyway."""
+    if not args.debug:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
 
 
 def _cmd_init_random(args: argparse.Namespace) -> None:
@@ -219,6 +239,7 @@ def _cmd_init_random(args: argparse.Namespace) -> None:
     def progress(msg: str) -> None:
         print(f"init-random {args.arch}: {msg}", file=sys.stderr)
 
+    _quiet_diffusers(args)
     path = init_random(args.dir, args.arch, seed=args.seed, overwrite=args.overwrite,
                        progress=None if args.quiet else progress)
     if args.single_file:
@@ -244,16 +265,20 @@ def _cmd_export(args: argparse.Namespace) -> None:
         opset=args.opset,
         validate=not args.no_validate,
     )
+    _quiet_diffusers(args)
     ckpt = load_checkpoint(args.checkpoint, config_dir=args.config, tokenizer_dir=args.tokenizer,
-                           allow_pickle=args.allow_pickle)
+                           allow_pickle=args.allow_pickle, vae=args.vae, ema=args.ema)
     if args.prediction_type:
         ckpt = dataclasses.replace(ckpt, scheduler_config={**ckpt.scheduler_config, "prediction_type": args.prediction_type})
-    load_options = {"config_dir": str(args.config.resolve()) if args.config else None, "allow_pickle": args.allow_pickle}
+    load_options = {"config_dir": str(args.config.resolve()) if args.config else None, "allow_pickle": args.allow_pickle,
+                    "vae": str(args.vae.resolve()) if args.vae else None, "ema": args.ema}
     manifest = export_checkpoint(ckpt, args.workdir, spec, progress=not args.quiet, load_options=load_options,
                                  release=True)  # loaded for this export only: free each module when done
     if args.quiet:
         return
     print(f"exported {ckpt.arch or ckpt.family} ({ckpt.format}) to {args.workdir}")
+    for note in ckpt.notes:
+        print(f"  {note}")
     for name in spec.components:
         entry = manifest["components"][name]
         worst = ""
@@ -346,6 +371,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         fields["prompt"] = args.prompt
     if args.short:
         fields.update(SHORT)
+    _quiet_diffusers(args)
     result = run_bench(args.workdir, BenchSpec(**fields), progress=not args.quiet)
     paths = write_reports(result, args.out, stem=args.stem)
     if not args.quiet:
