@@ -93,7 +93,7 @@ def test_prepare_image():
     rgba = Image.fromarray(np.dstack([pixels, np.full((40, 56), 255, np.uint8)]), "RGBA")
     assert np.array_equal(img2img.prepare_image(rgba, 56, 40), pixels)  # converted to RGB
     for bad in (pixels.astype(np.float32), pixels[..., :2], pixels[0]):
-        with pytest.raises(UsageError, match=r"init image array must be \(H, W, 3\) uint8"):
+        with pytest.raises(UsageError, match=r"^init image array must be \(H, W, 3\) uint8$"):
             img2img.prepare_image(bad, 56, 40)
-    with pytest.raises(UsageError, match="init image must be a PIL image or an"):
+    with pytest.raises(UsageError, match=r"^init image must be a PIL image or an \(H, W, 3\) uint8 array$"):
         img2img.prepare_image("a.png", 56, 40)

@@ -24,13 +24,19 @@ def test_defaults_are_filled():
 
 
 def test_img2img_size_defaults_to_the_image_rounded_down_to_8():
-    image = np.zeros((70, 99, 3), np.uint8)  # (H, W, 3)
+    image = np.zeros((90, 99, 3), np.uint8)  # (H, W, 3); neither side rounds to the default 64
     r = v(init_image=image)
-    assert (r.height, r.width) == (64, 96)
-    assert (v(init_image=image, width=48).height, v(init_image=image, width=48).width) == (64, 48)
+    assert (r.height, r.width) == (88, 96)
+    r = v(init_image=image, width=48)  # the other side still from the image
+    assert (r.height, r.width) == (88, 48)
+    r = v(init_image=image, height=48)
+    assert (r.height, r.width) == (48, 96)
+    r = v(init_image=image, height=48, width=56)
+    assert (r.height, r.width) == (48, 56)
     from PIL import Image
 
-    assert (v(init_image=Image.new("RGB", (99, 70))).width, v(init_image=Image.new("RGB", (99, 70))).height) == (96, 64)
+    r = v(init_image=Image.new("RGB", (99, 90)))  # PIL's size is (W, H)
+    assert (r.height, r.width) == (88, 96)
     with pytest.raises(UsageError, match=r"init image must be a PIL image or an \(H, W, 3\) uint8 array"):
         v(init_image=np.zeros((70, 99), np.uint8))
 
@@ -75,7 +81,7 @@ def test_limits_are_inclusive(kw):
     ({"init_image": np.zeros((8, 8, 3), np.uint8), "strength": "0.5"}, "strength must be in"),
 ])
 def test_each_bad_field_is_named(kw, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=f"^{message}"):  # the whole message, from its start
         v(**kw)
 
 
