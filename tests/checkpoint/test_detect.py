@@ -167,3 +167,25 @@ def test_cli_refuses_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr == f"sdtrt: error: {f}: {message}\n"
     assert not (tmp_path / "wd").exists()
+
+
+def test_old_clip_key_layout_is_accepted(tiny_sd1_dir, tmp_path):
+    """Files saved with transformers < 4.x name CLIP's tensors without the ``text_model.`` level."""
+    from safetensors.torch import load_file
+
+    from sdtrt.checkpoint.ldm_layout import save_single_file
+
+    f = tmp_path / "new.safetensors"
+    ref = load_checkpoint(tiny_sd1_dir)
+    save_single_file(ref, f)
+    state = load_file(str(f))
+    old = {k.replace(CLIP_L, "cond_stage_model.transformer."): v for k, v in state.items()}
+    assert not any(k.startswith(CLIP_L) for k in old)
+    g = tmp_path / "old.safetensors"
+    save_file(old, str(g))
+    shutil.copytree(tiny_sd1_dir / "tokenizer", tmp_path / "tokenizer")
+    got = load_checkpoint(g)
+    assert got.arch == "tiny-sd1"
+    want = ref.text_encoder.state_dict()
+    for k, v in got.text_encoder.state_dict().items():
+        assert torch.equal(v, want[k]), k
