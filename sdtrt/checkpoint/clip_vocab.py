@@ -15,9 +15,7 @@ tokenizer that tokenizes known prompts differently from CLIP's (such as the synt
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
-import importlib.metadata
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,8 @@ KNOWN_IDS: dict[str, list[int]] = {
 
 def vocab_file() -> Path:
     """The installed ``bpe_simple_vocab_16e6.txt.gz``, checked by sha256; a ``CheckpointError`` if none is."""
+    import importlib.metadata  # here, not at the top: it costs every CLI start ~30 ms
+
     seen = []
     for dist, rel in VOCAB_SOURCES:
         try:
@@ -70,6 +70,8 @@ def _sha256(path: Path) -> str:
 @functools.cache
 def clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """``(vocab, merges)`` of CLIP's tokenizer, as OpenAI's ``SimpleTokenizer`` builds them from the file."""
+    import gzip
+
     lines = gzip.decompress(vocab_file().read_bytes()).decode("utf-8").split("\n")
     n_merges = CLIP_VOCAB_SIZE - 512 - 2
     merges = tuple(tuple(line.split()) for line in lines[1 : 1 + n_merges])  # line 0 is the "#version" header
