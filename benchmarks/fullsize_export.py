@@ -1,7 +1,8 @@
-"""Full-size export record: time and peak memory of ``sdtrt export`` on a random-weight full-size checkpoint.
+"""Full-size export record: time and peak memory of ``sdtrt export`` on a random-weight full-size checkpoint, then
+of TensorRT-RTX's ahead-of-time build of each engine.
 
-    .venv/bin/python benchmarks/fullsize_export.py                 # sd15, fp16, in /tmp
-    .venv/bin/python benchmarks/fullsize_export.py --arch sd21 --note after-fix
+    .venv/bin/python benchmarks/fullsize_export.py                 # sd15, fp16, in /tmp; builds for sm89
+    .venv/bin/python benchmarks/fullsize_export.py --arch sd21 --note after-fix --targets ""   # export only
 
 The export runs in a child process (the library calls ``sdtrt export`` makes: ``load_checkpoint`` then
 ``export_checkpoint``); this process samples the child's resident memory from ``/proc`` every 50 ms and reads
@@ -10,7 +11,10 @@ is the kernel's (``ru_maxrss`` from ``wait4``), exact; per-component peaks are t
 component's window, so they can miss a spike shorter than the sampling period. Writes
 ``benchmarks/results/<device>-<date>-fullsize-<arch>[-note][-N].json`` and ``.md`` (never overwriting): one JSON
 dict whose ``"export"`` section is this script's; other records of the same run (TensorRT builds) go in sections
-beside it.
+beside it: ``"tensorrt_rtx_build"`` has, per component, the build's wall time and peak memory (``sdtrt build
+--tensorrt rtx --target ...`` in its own process), the plan's size, the Softmax layers TensorRT matched to its fused
+attention (MHA) pattern (from the sidecar), and the fused attention kernels embedded in the plan (their names, read
+from the plan's bytes). An export change that breaks attention fusion shows up there.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ ckpt_dir, workdir, precision = sys.argv[1:4]
 print("@@sdtrt " + json.dumps({"t": time.time(), "msg": "load checkpoint"}), flush=True)
 ckpt = load_checkpoint(Path(ckpt_dir))
 print("@@sdtrt " + json.dumps({"t": time.time(), "msg": "loaded"}), flush=True)
-manifest = export_checkpoint(ckpt, Path(workdir), ExportSpec(precision=precision), progress=False)
+manifest = export_checkpoint(ckpt, Path(workdir), ExportSpec(precision=precision), progress=False, release=True)
 del ckpt
 import sdtrt
 print("@@sdtrt " + json.dumps({"t": time.time(), "msg": "done", "manifest": manifest, "sdtrt": sdtrt.__file__}), flush=True)
@@ -202,8 +206,61 @@ def _markdown(record: dict) -> str:
         lines += ["", "| component | output | worst error | tolerance |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {v['component']} | {v['output']} | {v['value']:.3g} ({v['metric']}) | {v['tolerance']:g} |"
                   for v in e["validation"]]
+    text = "\n".join(lines) + "\n"
+    if record.get("tensorrt_rtx_build"):
+        text += _build_markdown(record["tensorrt_rtx_build"])
     if record.get("note"):
-        lines += ["", record["note"]]
+        text += "\n" + record["note"] + "\n"
+    return text
+
+
+# Fused attention kernels TensorRT(-RTX) embeds in a plan, by name (one per distinct kernel, not per layer)
+MHA_KERNELS = re.compile(rb"_gemm_mha_v2_0x[0-9a-f]+|fused_multihead_(?:flash_)?attention_kernel\w*")
+
+
+def _build(workdir: Path, targets: str, env: dict[str, str]) -> dict:
+    """Build each exported component with TensorRT-RTX in its own process (time and peak memory each)."""
+    sdtrt = str(Path(sys.executable).parent / "sdtrt")
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    out: dict = {"targets": targets.split(","), "components": {}}
+    for c in COMPONENTS:
+        if c not in manifest["components"]:
+            continue
+        print(f"build {c} ({targets})", file=sys.stderr)
+        run = _run_sampled([sdtrt, "build", str(workdir), "--tensorrt", "rtx", "--target", targets, "--components", c,
+                            "-q"], env, workdir)
+        if run["rc"] != 0:
+            out["components"][c] = {"error": run["stderr"].strip().splitlines()[-1:], "wall_s": round(run["wall_s"], 1)}
+            continue
+        side = json.loads((workdir / "engines" / f"{c}.json").read_text())
+        plan = (workdir / "engines" / f"{c}.plan").read_bytes()
+        kernels = sorted({k.decode() for k in MHA_KERNELS.findall(plan)})
+        out["tensorrt_rtx"] = side["tensorrt"]["version"]
+        out["components"][c] = {
+            "wall_s": round(run["wall_s"], 1),
+            "builder_s": side["build_seconds"],
+            "peak_rss_gb": round(run["peak_bytes"] / 1e9, 2),
+            "plan_gb": round(len(plan) / 1e9, 3),
+            "profile": side["profile"]["axes"],
+            "attention": side.get("attention"),
+            "mha_kernels_in_plan": kernels,
+        }
+        del plan
+    return out
+
+
+def _build_markdown(b: dict) -> str:
+    lines = ["", f"## TensorRT-RTX {b.get('tensorrt_rtx', '?')} ahead-of-time build for {', '.join(b['targets'])} "
+             "(no GPU)", "",
+             "| component | build wall s | peak RSS GB | plan GB | Softmax layers | matched to fused MHA | MHA kernels in plan |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c, r in b["components"].items():
+        if "error" in r:
+            lines.append(f"| {c} | failed: {' '.join(r['error'])} | | | | | |")
+            continue
+        a = r["attention"] or {}
+        lines.append(f"| {c} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['plan_gb']:.3f} | "
+                     f"{a.get('softmax_layers', '-')} | {a.get('mha_pattern', '-')} | {len(r['mha_kernels_in_plan'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +274,8 @@ def main() -> int:
     ap.add_argument("--note", default="", help="file-name suffix, e.g. 'before-fix'")
     ap.add_argument("--comment", default="", help="a sentence kept in the record")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the record goes (default benchmarks/results)")
-    ap.add_argument("--keep", action="store_true", help="keep the WORKDIR (for a TensorRT build after)")
+    ap.add_argument("--keep", action="store_true", help="keep the WORKDIR afterwards")
+    ap.add_argument("--targets", default="sm89", help="TensorRT-RTX build targets after the export ('' : no build)")
     args = ap.parse_args()
 
     python = sys.executable
@@ -272,6 +330,8 @@ def main() -> int:
             "sampling": "VmRSS of the export process tree every 50 ms; peak_rss from wait4's ru_maxrss",
         },
     }
+    if args.targets:
+        record["tensorrt_rtx_build"] = _build(workdir, args.targets, env)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{os.cpu_count()}core-{dt.date.today().isoformat()}-fullsize-{args.arch}"
     stem = _free_name(args.out, stem + (f"-{args.note}" if args.note else ""))
