@@ -48,7 +48,8 @@ class OrtBackend:
     name = "onnxruntime"
     capturable = False  # ORT enqueues on its own; the pipeline runs its loop eagerly with this backend
 
-    def __init__(self, workdir: Path, manifest: Mapping, device: torch.device, threads: int = 0) -> None:
+    def __init__(self, workdir: Path, manifest: Mapping, device: torch.device, threads: int = 0, *,
+                 allow_spinning: bool = False) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -56,6 +57,7 @@ class OrtBackend:
         self.device = device
         self._manifest = manifest
         self._threads = threads
+        self._spin = "1" if allow_spinning else "0"
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EngineError("onnxruntime has no CUDA execution provider here: install onnxruntime-gpu")
@@ -73,6 +75,15 @@ class OrtBackend:
             opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if self._threads:
                 opts.intra_op_num_threads = self._threads
+            # Spinning off, on every device: after each run ORT's pool threads otherwise busy-wait (by default
+            # for milliseconds) for the next one, and in sdtrt's loop the next thing is never ORT but torch (the
+            # scheduler step, CFG, the decode's post-processing) or another library, which then runs on the
+            # cores the spinners hold. On CPU that made a torch pipeline after an ORT request 2x slower and cost
+            # ORT's own loop its scheduler math (benchmarks/README.md). On CUDA the CPU pool only hosts the few
+            # CPU-placed nodes, so waking it costs little there too. ``allow_spinning`` (only for measuring it)
+            # turns it back on: ORT alone, back to back, is where it helps.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", self._spin)
+            opts.add_session_config_entry("session.inter_op.allow_spinning", self._spin)
             if self.device.type == "cuda":
                 stream = torch.cuda.current_stream(self.device).cuda_stream
                 # a bare "cuda" device means the current one (torch.cuda.set_device, e.g. per Triton instance)
