@@ -57,6 +57,17 @@ class Contender:
     def _loop_stages(self) -> dict[str, float | None]:
         return loop_figures(self.unet.spans_ms(), self.unet.host_spans_ms())
 
+    def _per_step(self, e2e_s: float) -> dict[str, float | None]:
+        """The request split per denoising step into UNet time (every UNet call, PNDM's extra one included) and
+        the rest: everything that is not one of the three models (tokenizing, latents, CFG, scheduler math,
+        input copies, post-processing to PIL), i.e. what the runtime around the models costs. None where the
+        UNet calls are not observable (a replayed CUDA graph)."""
+        if not self.unet.calls:
+            return {"unet_ms_per_step": None, "overhead_ms_per_step": None}
+        models = [sum(durations(t.spans_ms())) for t in (self.text, self.unet, self.vae)]
+        steps = self.spec.steps
+        return {"unet_ms_per_step": models[1] / steps, "overhead_ms_per_step": (e2e_s * 1e3 - sum(models)) / steps}
+
     def generate(self, batch: int) -> Sample:
         for t in (self.text, self.unet, self.vae):
             t.reset()
@@ -69,6 +80,7 @@ class Contender:
             "text_encoder_ms": float(sum(durations(self.text.spans_ms()))) if self.text.calls else None,
             **self._loop_stages(),
             "vae_decoder_ms": float(sum(durations(self.vae.spans_ms()))) if self.vae.calls else None,
+            **self._per_step(e2e),
         }
         return Sample(np.stack([np.asarray(im.convert("RGB")) for im in pil]), e2e, stages)
 

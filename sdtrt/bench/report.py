@@ -17,14 +17,27 @@ def report_stem(result: dict[str, Any]) -> str:
     return f"{device_label(result['environment'])}-{result['environment']['date'][:10]}"
 
 
+_SUFFIXES = (".json", ".md", ".png")
+
+
+def free_stem(out_dir: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... : the first whose reports are not in ``out_dir`` yet."""
+    candidate, n = stem, 1
+    while any((out_dir / f"{candidate}{ext}").exists() for ext in _SUFFIXES):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
 def write_reports(result: dict[str, Any], out_dir: str | Path, *, stem: str | None = None) -> list[Path]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``; returns their paths."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``; returns their paths. A stem whose
+    reports exist already gets a suffix (``-2``, ``-3``, ...): a report is never overwritten."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or report_stem(result)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    stem = free_stem(out_dir, stem or report_stem(result))
+    paths = [out_dir / f"{stem}{ext}" for ext in _SUFFIXES]
     write_bytes_atomic(paths[0], (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
-    write_bytes_atomic(paths[1], markdown(result, png_name=paths[2].name).encode())
+    write_bytes_atomic(paths[1], markdown(result, png_name=paths[2].name, title=stem).encode())
     buf = io.BytesIO()
     render_plot(result).save(buf, format="PNG")
     write_bytes_atomic(paths[2], buf.getvalue())
@@ -32,18 +45,30 @@ def write_reports(result: dict[str, Any], out_dir: str | Path, *, stem: str | No
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """A few lines for a terminal: end-to-end p50/p90, speed-up and PSNR per contender at the smallest batch."""
-    b0 = str(min(result["spec"]["batch_sizes"]))
-    lines = [f"batch {b0}, {result['spec']['steps']} steps, {result['spec']['width']}x{result['spec']['height']}:"]
+    """Lines for a terminal: per contender and batch size, end-to-end p50/p90, speed-up, alone p50 and the
+    interference flag; PSNR; UNet and overhead per step at the smallest batch."""
+    spec = result["spec"]
+    b0 = str(min(spec["batch_sizes"]))
+    lines = [f"{spec['steps']} steps, {spec['width']}x{spec['height']}; p50/p90 interleaved, p50 alone, "
+             f"speed-up vs {result['baseline'] or '-'}:"]
     for name, c in result["contenders"].items():
-        if b0 not in c["batches"]:
-            continue
-        e2e = c["batches"][b0]["end_to_end_s"]
-        sp = result["speedup_vs_baseline"].get(b0, {}).get(name)
         q = c.get("quality") or {}
-        psnr = "" if not q else " identical" if q["psnr_db"] is None else f" PSNR {q['psnr_db']:.1f} dB"
-        lines.append(f"  {name:<22} p50 {e2e['p50']:.3f} s  p90 {e2e['p90']:.3f} s"
-                     + (f"  {sp:.2f}x" if sp is not None else "") + psnr)
+        psnr = "" if not q else "identical" if q["psnr_db"] is None else f"PSNR {q['psnr_db']:.1f} dB"
+        st = c["batches"].get(b0, {}).get("stages_ms", {})
+        unet, over = st.get("unet_ms_per_step"), st.get("overhead_ms_per_step")
+        per_step = "" if unet is None else f"per step (batch {b0}): UNet {unet['p50']:.1f} ms, rest {over['p50']:.1f} ms"
+        lines.append(f"  {name}  {'  '.join(x for x in (psnr, per_step) if x)}")
+        for b in map(str, spec["batch_sizes"]):
+            if b not in c["batches"]:
+                continue
+            f = c["batches"][b]
+            sp = result["speedup_vs_baseline"].get(b, {}).get(name)
+            alone, inter = f.get("alone_end_to_end_s"), f.get("interference")
+            lines.append(f"    batch {b:>2}: p50 {f['end_to_end_s']['p50']:.3f} s  p90 {f['end_to_end_s']['p90']:.3f} s"
+                         + (f"  {sp:.2f}x" if sp is not None else "")
+                         + (f"  alone {alone['p50']:.3f} s" if alone else "")
+                         + ("  DISTURBED (interleaved {:.0%} of alone)".format(inter["interleaved_over_alone"])
+                            if inter and inter["flagged"] else ""))
     lines += [f"  not run: {name}: {why}" for name, why in result["skipped"].items()]
     lines += [f"  {name}: {why}" for name, why in result.get("failed", {}).items()]
     return lines
@@ -52,8 +77,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 # -- Markdown ----------------------------------------------------------------------------------------------------
 _EMPTY: dict[str, Any] = {  # a batch size a contender dropped out before
     "end_to_end_s": None, "images_per_s": None, "memory": {},
+    "alone_end_to_end_s": None, "interference": None,
     "stages_ms": dict.fromkeys(("text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms",
-                                "vae_decoder_ms")),
+                                "vae_decoder_ms", "unet_ms_per_step", "overhead_ms_per_step")),
 }
 
 
@@ -96,21 +122,22 @@ def _environment_line(env: dict[str, Any]) -> str:
     return f"{dev}; {libs}; torch threads {env['torch_threads']}; {load}."
 
 
-def markdown(result: dict[str, Any], *, png_name: str | None = None) -> str:
+def markdown(result: dict[str, Any], *, png_name: str | None = None, title: str | None = None) -> str:
     env, spec, ck = result["environment"], result["spec"], result["checkpoint"]
     cs = result["contenders"]
     b0 = str(min(spec["batch_sizes"]))
     base = result["baseline"]
     mem_kind = "GPU memory (PyTorch allocator)" if result["device"] == "cuda" else "resident set (process)"
     lines = [
-        f"# sdtrt benchmark: {report_stem(result)}",
+        f"# sdtrt benchmark: {title or report_stem(result)}",
         "",
         _environment_line(env),
         "",
         f"Checkpoint: {ck.get('arch') or ck['path']} ({ck['family']}), weights {ck['weights']}, "
         f"export precision {_precision(ck.get('precision'))}. Request: {spec['width']}x{spec['height']}, {spec['steps']} steps of "
         f"{result['scheduler']}, guidance {spec['guidance']:g}, seed {spec['seed']}, prompt {spec['prompt']!r}. "
-        f"{spec['runs']} runs per contender and batch size after {spec['warmup']} warm-up(s), interleaved. "
+        f"{spec['runs']} runs per contender and batch size alone (back to back, after {spec['warmup']} warm-up(s)), "
+        f"then {spec['runs']} interleaved. "
         f"sdtrt commit {env.get('sdtrt_commit')}.",
         "",
         f"## End to end, batch {b0}",
@@ -127,18 +154,36 @@ def markdown(result: dict[str, Any], *, png_name: str | None = None) -> str:
         lines.append(f"| {name} | {engine_label(c)} | {_stat(r['end_to_end_s'])} | {_stat(r['end_to_end_s'], 'p90')} | "
                      f"{_stat(r['end_to_end_s'], 'std', '{:.2g}')} | {_num(sp, '{:.2f}x')} | {psnr} | "
                      f"{_num(q.get('max_abs_diff'), '{}')} | {_num(c['load_s'])} | {_num(c['first_image_s'])} |")
+    batches = [str(b) for b in spec["batch_sizes"]]
+    limit = result.get("interference", {}).get("limit", 1.1)
+    lines += [
+        "",
+        f"## Alone vs interleaved (end-to-end p50, s; flagged past {limit:.2f}x)",
+        "",
+        "| contender | batch | alone | interleaved | interleaved / alone | |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, c in cs.items():
+        for b in batches:
+            r = c["batches"].get(b, _EMPTY)
+            inter = r.get("interference")
+            ratio = None if inter is None else inter["interleaved_over_alone"]
+            flag = "**disturbed**" if inter and inter["flagged"] else ""
+            lines.append(f"| {name} | {b} | {_stat(r.get('alone_end_to_end_s'))} | {_stat(r['end_to_end_s'])} | "
+                         f"{_num(ratio, '{:.2f}x')} | {flag} |")
     lines += [
         "",
         f"## Per stage, batch {b0} (ms, p50 over runs)",
         "",
-        "| contender | text encoder | UNet eval | scheduler step | step | host per step | VAE decode |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| contender | text encoder | UNet eval | scheduler step | step | host per step | VAE decode | UNet per step "
+        "| rest per step (overhead) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, c in cs.items():
         st = c["batches"].get(b0, _EMPTY)["stages_ms"]
-        lines.append(f"| {name} | " + " | ".join(_stat(st[k]) for k in (
-            "text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms", "vae_decoder_ms")) + " |")
-    batches = [str(b) for b in spec["batch_sizes"]]
+        lines.append(f"| {name} | " + " | ".join(_stat(st.get(k)) for k in (
+            "text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms", "vae_decoder_ms",
+            "unet_ms_per_step", "overhead_ms_per_step")) + " |")
     lines += [
         "",
         "## Throughput (images/s, p50; speed-up vs baseline in brackets)",
@@ -170,7 +215,10 @@ def markdown(result: dict[str, Any], *, png_name: str | None = None) -> str:
         "Definitions: *UNet eval* is one UNet call (both CFG halves); *scheduler step* is the time between two UNet "
         "calls (CFG combine, scheduler step, next input); *step* the start-to-start period of UNet calls (device time "
         "on CUDA, from CUDA events); *host per step* the same period on the host clock, i.e. the Python/launch "
-        "overhead a CUDA graph removes (with a graph: the replay call's host time over the evaluations). "
+        "overhead a CUDA graph removes (with a graph: the replay call's host time over the evaluations); *UNet per step* "
+        "all UNet calls of a request over the steps; *rest per step* the request's wall time minus the text encoder, "
+        "UNet and VAE calls, over the steps: what the runtime around the models costs. *Alone*: the contender's "
+        "requests back to back; *interleaved*: one request per contender in turn (what speed-ups use). "
         "PSNR compares the first request's images with diffusers fp32"
         + (f" on {result['reference']['device']}" if result.get("reference") else " (not run)") + ".",
     ]

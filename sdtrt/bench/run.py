@@ -1,10 +1,14 @@
 """``run_bench``: every contender in one process, same checkpoint, prompt, seed and settings, interleaved.
 
 Order of work: (1) the diffusers fp32 reference image, unless a contender is that reference; (2) each contender
-loads and makes its first image (load time and first-image latency, sequentially); (3) per batch size, warm-ups
-for every contender, then ``runs`` rounds of one request per contender in a fixed order (A B C A B C ...), so
-drifts in clock speed or background load hit all contenders alike; (4) summaries, speed-ups over the baseline
-and PSNR against the reference.
+loads and makes its first image (load time and first-image latency, sequentially); (3) per batch size, each
+contender alone: its warm-ups then ``runs`` requests back to back (A A A, B B B, ...); then ``runs`` rounds of one
+request per contender in a fixed order (A B C A B C ...), so drifts in clock speed or background load hit all
+contenders alike; (4) summaries, speed-ups over the baseline (interleaved p50s) and PSNR against the reference.
+
+Alone vs interleaved is the check that contenders do not disturb each other (a library whose threads spin after
+a call steals the cores of whatever runs next): a contender whose interleaved p50 is more than
+``INTERFERENCE_LIMIT`` above its alone p50 is flagged in the result and the reports.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from sdtrt.export.manifest import read_manifest
 log = logging.getLogger(__name__)
 
 FORMAT = "sdtrt-bench/1"
-STAGES = ("text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms", "vae_decoder_ms")
+STAGES = ("text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms", "vae_decoder_ms",
+          "unet_ms_per_step", "overhead_ms_per_step")
+#: interleaved p50 over alone p50 above which a contender is flagged as disturbed by (or disturbing) its neighbours
+INTERFERENCE_LIMIT = 1.10
 
 
 def psnr(images: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
@@ -96,12 +103,21 @@ def _reference_images(spec: BenchSpec, source: Path, scheduler: str, device: str
             torch.cuda.empty_cache()
 
 
-def _aggregate(batch: int, samples: list[Sample], memory: list[dict]) -> dict[str, Any]:
+def interference(alone_p50: float, interleaved_p50: float) -> dict[str, Any]:
+    """Interleaved over alone p50, and whether it is past ``INTERFERENCE_LIMIT``."""
+    ratio = interleaved_p50 / alone_p50
+    return {"interleaved_over_alone": ratio, "flagged": ratio > INTERFERENCE_LIMIT}
+
+
+def _aggregate(batch: int, samples: list[Sample], alone: list[Sample], memory: list[dict]) -> dict[str, Any]:
     e2e = [s.e2e_s for s in samples]
     peaks = {k: max((m[k] for m in memory if m.get(k) is not None), default=None) for k in memory[0]}
+    e2e_summary, alone_summary = summarize(e2e), summarize(s.e2e_s for s in alone)
     return {
         "runs": len(samples),
-        "end_to_end_s": summarize(e2e),
+        "end_to_end_s": e2e_summary,  # interleaved: what speed-ups are computed from
+        "alone_end_to_end_s": alone_summary,
+        "interference": interference(alone_summary["p50"], e2e_summary["p50"]),
         "images_per_s": summarize(batch / t for t in e2e),
         "stages_ms": {k: summarize(s.stages.get(k) for s in samples) for k in STAGES},
         "memory": peaks,
@@ -127,8 +143,9 @@ def _load(c: Contender, spec: BenchSpec, cuda: bool) -> tuple[dict[str, Any], np
 
 def _measure(loaded: list[Contender], batch: int, spec: BenchSpec, probe: PeakProbe, bar
              ) -> tuple[dict[str, dict], dict[str, str]]:
-    """Warm-ups for every contender, then ``spec.runs`` interleaved rounds at one batch size. A contender that
-    fails (an engine without this shape, out of memory) drops out with its reason; the others go on."""
+    """Per contender its warm-ups and ``spec.runs`` requests alone, then ``spec.runs`` interleaved rounds, at one
+    batch size. A contender that fails (an engine without this shape, out of memory) drops out with its reason;
+    the others go on."""
     failed: dict[str, str] = {}
 
     def attempt(c: Contender) -> Sample | None:
@@ -139,11 +156,19 @@ def _measure(loaded: list[Contender], batch: int, spec: BenchSpec, probe: PeakPr
             log.warning("%s %s", c.name, failed[c.name])
             return None
 
+    alone: dict[str, list[Sample]] = {c.name: [] for c in loaded}
     for c in loaded:
+        # the warm-ups also let whatever ran before (the previous contender) settle before the alone runs
         bar.set_description(f"warm-up b{batch} {c.name}")
         for _ in range(spec.warmup):
             if c.name not in failed:
                 attempt(c)
+            bar.update(1)
+        bar.set_description(f"alone b{batch} {c.name}")
+        for _ in range(spec.runs):
+            if c.name not in failed and (s := attempt(c)) is not None:
+                s.images = s.images[:0]
+                alone[c.name].append(s)
             bar.update(1)
     samples: dict[str, list[Sample]] = {c.name: [] for c in loaded}
     memory: dict[str, list[dict]] = {c.name: [] for c in loaded}
@@ -158,7 +183,8 @@ def _measure(loaded: list[Contender], batch: int, spec: BenchSpec, probe: PeakPr
                     s.images = s.images[:0]  # keep the figures, not the pixels
                     samples[c.name].append(s)
             bar.update(1)
-    figures = {c.name: _aggregate(batch, samples[c.name], memory[c.name]) for c in loaded if c.name not in failed}
+    figures = {c.name: _aggregate(batch, samples[c.name], alone[c.name], memory[c.name])
+               for c in loaded if c.name not in failed}
     return figures, failed
 
 
@@ -171,6 +197,13 @@ def _speedups(results: dict[str, dict], batch_sizes: tuple[int, ...]) -> dict[st
             out[b] = {n: base["end_to_end_s"]["p50"] / r["batches"][b]["end_to_end_s"]["p50"]
                       for n, r in results.items() if b in r["batches"]}
     return out
+
+
+def _flagged(results: dict[str, dict]) -> dict[str, list[int]]:
+    """Contender -> the batch sizes at which its interleaved p50 was past the limit."""
+    out = {name: [int(b) for b, f in r["batches"].items() if f["interference"]["flagged"]]
+           for name, r in results.items()}
+    return {name: bs for name, bs in out.items() if bs}
 
 
 def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) -> dict[str, Any]:
@@ -225,7 +258,7 @@ def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) ->
             reference = first_images[reuse]
 
         # 3. warm-ups, then interleaved rounds, per batch size
-        bar.total += len(spec.batch_sizes) * len(loaded) * (spec.warmup + spec.runs)
+        bar.total += len(spec.batch_sizes) * len(loaded) * (spec.warmup + 2 * spec.runs)
         bar.unit = "req"
         probe = PeakProbe(cuda)
         for batch in spec.batch_sizes:
@@ -263,4 +296,5 @@ def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) ->
         "skipped": skipped,
         "failed": failed,
         "speedup_vs_baseline": _speedups(results, spec.batch_sizes),
+        "interference": {"limit": INTERFERENCE_LIMIT, "flagged": _flagged(results)},
     }

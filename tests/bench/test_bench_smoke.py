@@ -76,13 +76,21 @@ def test_result_fields(short_result):
             assert b["runs"] == 2
             assert set(b["end_to_end_s"]) == STAT_KEYS and b["end_to_end_s"]["n"] == 2
             assert b["images_per_s"]["p50"] > 0
+            assert set(b["alone_end_to_end_s"]) == STAT_KEYS and b["alone_end_to_end_s"]["n"] == 2
+            ratio = b["end_to_end_s"]["p50"] / b["alone_end_to_end_s"]["p50"]
+            assert b["interference"] == {"interleaved_over_alone": pytest.approx(ratio), "flagged": ratio > 1.1}
             stages = b["stages_ms"]
             for stage in ("text_encoder_ms", "unet_eval_ms", "scheduler_step_ms", "step_ms", "host_step_ms",
-                          "vae_decoder_ms"):
+                          "vae_decoder_ms", "unet_ms_per_step", "overhead_ms_per_step"):
                 assert set(stages[stage]) == STAT_KEYS, (name, stage)
+            # the request's time, split: UNet per step is every UNet call (PNDM: steps + 1) over the steps
+            assert stages["unet_ms_per_step"]["min"] > 0 and stages["overhead_ms_per_step"]["min"] > 0, name
             assert b["memory"]["peak_bytes"] > 0
         assert set(r["speedup_vs_baseline"]["1"]) == set(r["contenders"])
     assert r["speedup_vs_baseline"]["1"]["diffusers"] == 1.0
+    assert r["interference"] == {"limit": 1.1, "flagged": {
+        n: [int(b) for b, f in c["batches"].items() if f["interference"]["flagged"]]
+        for n, c in r["contenders"].items() if any(f["interference"]["flagged"] for f in c["batches"].values())}}
     assert r["contenders"]["diffusers"]["dtype"] == COMPUTE
     assert r["contenders"]["sdtrt-torch"]["compute_dtype"] == COMPUTE
 
@@ -111,11 +119,16 @@ def test_reports(short_result, tmp_path):
     assert json.loads(paths[0].read_text()) == short_result
     md = paths[1].read_text()
     assert md.startswith(f"# sdtrt benchmark: {_report_prefix()}")
-    for text in ("## End to end, batch 1", "## Per stage, batch 1", "## Throughput", "## Memory",
+    for text in ("## End to end, batch 1", "## Alone vs interleaved", "## Per stage, batch 1", "## Throughput",
+                 "## Memory", "| UNet per step | rest per step (overhead) |",
                  f"![latency and throughput]({paths[2].name})"):
         assert text in md
     for name in RAN:  # one row per contender that ran, with its engine and precision
         assert f"| {name} | {ENGINE_LABELS[name]} |" in md, name
+        for b in ("1", "2"):  # and one alone-vs-interleaved row per batch size
+            f = short_result["contenders"][name]["batches"][b]
+            assert (f"| {name} | {b} | {f['alone_end_to_end_s']['p50']:.3g} | {f['end_to_end_s']['p50']:.3g} | "
+                    f"{f['interference']['interleaved_over_alone']:.2f}x |") in md, (name, b)
     with Image.open(paths[2]) as im:
         im.verify()
     with Image.open(paths[2]) as im:
@@ -209,3 +222,66 @@ def test_contender_failing_at_a_batch_size_drops_out(sd1_workdir_fp32, tmp_path,
     assert set(r["speedup_vs_baseline"]["2"]) == {"diffusers"}
     paths = write_reports(r, tmp_path)
     assert "- sdtrt-torch: failed at batch 2" in paths[1].read_text()
+
+
+def test_reports_are_never_overwritten(short_result, tmp_path):
+    first = write_reports(short_result, tmp_path)
+    before = [p.read_bytes() for p in first]
+    second = write_reports(short_result, tmp_path)
+    third = write_reports(short_result, tmp_path)
+    assert [p.name for p in second] == [f"{first[0].stem}-2{p.suffix}" for p in first]
+    assert [p.name for p in third] == [f"{first[0].stem}-3{p.suffix}" for p in first]
+    assert [p.read_bytes() for p in first] == before
+    assert second[1].read_text().startswith(f"# sdtrt benchmark: {first[0].stem}-2\n")
+    assert f"![latency and throughput]({second[2].name})" in second[1].read_text()
+    # a stem given by name too, and a lone leftover file of a stem is enough to move on
+    (tmp_path / "mine.png").write_bytes(b"")
+    assert [p.name for p in write_reports(short_result, tmp_path, stem="mine")] == ["mine-2.json", "mine-2.md",
+                                                                                   "mine-2.png"]
+
+
+def test_summary_shows_every_batch_size(short_result):
+    from sdtrt.bench.report import summary_lines
+
+    text = "\n".join(summary_lines(short_result))
+    for name, c in short_result["contenders"].items():
+        for b in ("1", "2"):
+            f = c["batches"][b]
+            assert (f"batch {b:>2}: p50 {f['end_to_end_s']['p50']:.3f} s  p90 {f['end_to_end_s']['p90']:.3f} s"
+                    in text), (name, b)
+            assert f"alone {f['alone_end_to_end_s']['p50']:.3f} s" in text, (name, b)
+
+
+def test_interference_limit():
+    from sdtrt.bench.run import interference
+
+    assert interference(1.0, 1.1) == {"interleaved_over_alone": 1.1, "flagged": False}
+    assert interference(2.0, 2.3)["flagged"] and not interference(2.0, 1.0)["flagged"]
+
+
+def test_a_disturbed_contender_is_flagged_in_the_reports(short_result, tmp_path):
+    import copy
+
+    from sdtrt.bench.report import summary_lines
+
+    r = copy.deepcopy(short_result)
+    f = r["contenders"]["sdtrt-torch"]["batches"]["2"]
+    f["alone_end_to_end_s"]["p50"] = f["end_to_end_s"]["p50"] / 2
+    f["interference"] = {"interleaved_over_alone": 2.0, "flagged": True}
+    md = write_reports(r, tmp_path)[1].read_text()
+    assert "| sdtrt-torch | 2 |" in md and "| 2.00x | **disturbed** |" in md
+    assert "DISTURBED (interleaved 200% of alone)" in "\n".join(summary_lines(r))
+
+
+def test_overhead_per_step_is_the_request_minus_the_models():
+    """Per step: UNet = all UNet calls over the steps; the rest = wall time minus text encoder, UNet and VAE."""
+    from sdtrt.bench.contenders import Contender
+
+    c = Contender("x", BenchSpec(steps=2), cuda=False)
+    c.text.host[:] = [(0.000, 0.001)]
+    c.unet.host[:] = [(0.001, 0.003), (0.004, 0.006), (0.0065, 0.0075)]  # PNDM: steps + 1 calls
+    c.vae.host[:] = [(0.008, 0.009)]
+    got = c._per_step(0.010)
+    assert got == {"unet_ms_per_step": pytest.approx(2.5), "overhead_ms_per_step": pytest.approx(1.5)}
+    c.unet.reset()  # a replayed CUDA graph: no UNet call is observable
+    assert c._per_step(0.010) == {"unet_ms_per_step": None, "overhead_ms_per_step": None}
