@@ -39,10 +39,11 @@ GROUPS = (
     Group("img2img", ("sdtrt/runtime/img2img.py",), ("tests/runtime/test_pipeline_img2img.py",)),
     Group("batcher", ("sdtrt/serve/batcher.py",), ("tests/serve/test_batcher.py",)),
     Group("request", ("sdtrt/runtime/request.py",), ("tests/runtime/test_pipeline_request.py", "tests/serve/test_batcher.py")),
+    # one scheduler's parity cases, and the registry's tests (configs refused, with their messages)
     Group("dpmpp_2m", ("sdtrt/runtime/schedulers/dpmpp_2m.py",),
-          ("tests/runtime/schedulers/test_scheduler_parity.py", "-k", "dpmpp_2m")),
+          ("tests/runtime/schedulers", "-k", "dpmpp_2m or test_scheduler_registry")),
     Group("ddim", ("sdtrt/runtime/schedulers/ddim.py",),
-          ("tests/runtime/schedulers/test_scheduler_parity.py", "-k", "ddim")),
+          ("tests/runtime/schedulers", "-k", "ddim or test_scheduler_registry")),
     # every scheduler module against every parity case: hours on 2 cores
     Group("schedulers", ("sdtrt/runtime/schedulers/*.py",), ("tests/runtime/schedulers",), default=False),
 )
