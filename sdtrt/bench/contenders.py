@@ -158,12 +158,13 @@ class DiffusersContender(Contender):
 
 
 # -- sdtrt -------------------------------------------------------------------------------------------------------
-def load_pipeline(workdir: Path, backend: str, threads: int | None):
+def load_pipeline(workdir: Path, backend: str, threads: int | None, *, allow_spinning: bool = False):
     """``Pipeline.load``, except that ONNX Runtime gets ``threads`` intra-op threads (``Pipeline.load`` takes no
-    thread count; the backend does)."""
+    thread count; the backend does) and, to measure what it costs, ``allow_spinning``."""
     from sdtrt.runtime.pipeline import COMPONENTS_NEEDED, Pipeline
 
-    if backend != "onnxruntime" or threads is None:
+    workdir = Path(workdir)
+    if backend != "onnxruntime" or (threads is None and not allow_spinning):
         return Pipeline.load(workdir, backend=backend)
     from sdtrt.checkpoint.tokenizer import load_tokenizer
     from sdtrt.export.manifest import read_manifest
@@ -176,7 +177,8 @@ def load_pipeline(workdir: Path, backend: str, threads: int | None):
         raise UsageError(f"{workdir}: the export lacks {', '.join(missing)}; run `sdtrt export` with all components")
     _, device = resolve_backend_name("onnxruntime", workdir)
     scheduler_config = json.loads((workdir / "scheduler" / "scheduler_config.json").read_text())
-    return Pipeline(workdir, manifest, OrtBackend(workdir, manifest, device, threads=threads),
+    backend = OrtBackend(workdir, manifest, device, threads=threads or 0, allow_spinning=allow_spinning)
+    return Pipeline(workdir, manifest, backend,
                     load_tokenizer(workdir / "tokenizer"), scheduler_config)
 
 
@@ -185,8 +187,10 @@ class SdtrtContender(Contender):
 
     kind = "sdtrt"
 
-    def __init__(self, name: str, spec: BenchSpec, cuda: bool, workdir: Path, backend: str, graph: bool) -> None:
+    def __init__(self, name: str, spec: BenchSpec, cuda: bool, workdir: Path, backend: str, graph: bool, *,
+                 allow_spinning: bool = False) -> None:
         super().__init__(name, spec, cuda)
+        self.allow_spinning = allow_spinning  # ONNX Runtime's threads spin-wait: only to measure what that costs
         self.workdir = Path(workdir)
         self.backend = backend
         self.graph = graph
@@ -197,7 +201,7 @@ class SdtrtContender(Contender):
         self.info.update(backend=backend, cuda_graph=graph)
 
     def load(self) -> None:
-        pipe = load_pipeline(self.workdir, self.backend, self.spec.threads)
+        pipe = load_pipeline(self.workdir, self.backend, self.spec.threads, allow_spinning=self.allow_spinning)
         if self.graph and not pipe.use_cuda_graph:
             raise RuntimeError(f"the {pipe.backend.name} backend cannot be captured in a CUDA graph here")
         pipe.use_cuda_graph = self.graph

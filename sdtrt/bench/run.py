@@ -67,6 +67,7 @@ def _source_info(manifest: dict[str, Any]) -> dict[str, Any]:
         meta = json.loads(arch_file.read_text())
         if "init_random" in str(meta.get("made_by", "")):
             info["weights"] = f"random (sdtrt init-random, seed {meta.get('seed')})"
+        info["arch"] = info.get("arch") or meta.get("arch")  # e.g. benchmarks/init_small.py's, which detect omits
     return info
 
 
