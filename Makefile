@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set up, make the tiny random checkpoint, export it, generate an image) and `make test`.
+# Quick start: `make demo` (set up, write the trained demo checkpoint, export and build it, draw a grid) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,11 +21,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps 'open-clip-torch>=2.20'  # CLIP's BPE vocabulary file only (see pyproject.toml)
 	touch $@
 
+# The demo: a trained toy checkpoint (sdtrt init-demo; tools/train_demo_model.py made it) exported, built with
+# TensorRT-RTX ahead of time for Ada GPUs where it is installed (a real build; on a machine without that GPU,
+# generate then takes ONNX Runtime), and a grid of prompts with their captions in $(DEMO)/demo.png.
+DEMO_PROMPTS := "a red circle on a blue background" "a yellow triangle on a black background" \
+	"a white square on a green background" "a blue circle on a yellow background" \
+	"a green triangle on a white background" "a black square on a red background"
 demo: setup
-	$(SDTRT) init-random $(DEMO)/checkpoint --arch tiny-sd1 --seed 0 --overwrite
+	$(SDTRT) init-demo $(DEMO)/checkpoint --overwrite
 	$(SDTRT) export $(DEMO)/checkpoint $(DEMO)/workdir
-	$(SDTRT) generate $(DEMO)/workdir "a photo of an astronaut riding a horse" --steps 30 --seed 0 -o $(DEMO)/demo.png
-	@echo "demo: wrote $(DEMO)/demo.png (random weights: expect colourful noise, not a picture)"
+	@if $(PY) -c "import tensorrt_rtx" 2>/dev/null; then \
+		echo "$(SDTRT) build $(DEMO)/workdir --tensorrt rtx --target sm89"; \
+		$(SDTRT) build $(DEMO)/workdir --tensorrt rtx --target sm89; \
+	else echo "demo: tensorrt_rtx is not installed: no engines built"; fi
+	@i=0; for p in $(DEMO_PROMPTS); do i=$$((i + 1)); \
+		echo "$(SDTRT) generate $(DEMO)/workdir \"$$p\" --seed $$i -o $(DEMO)/demo-$$i.png"; \
+		$(SDTRT) -q generate $(DEMO)/workdir "$$p" --seed $$i -o $(DEMO)/demo-$$i.png || exit 1; done
+	$(PY) -m sdtrt.demo.grid $(DEMO)/demo.png $(DEMO)/demo-[0-9]*.png
+	@echo "demo: wrote $(DEMO)/demo.png (32x32 pictures, enlarged, each under its prompt)"
 
 serve: demo
 	$(SDTRT) serve $(DEMO)/workdir --backend onnxruntime

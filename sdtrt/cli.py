@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-file", type=Path, metavar="PATH",
                    help="also write the weights as one original-layout .safetensors file")
 
+    p = sub.add_parser("init-demo", help="write the shipped demo checkpoint (a trained toy model) as a diffusers folder")
+    _common(p)
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+
     p = sub.add_parser("export", help="checkpoint -> validated ONNX graphs in WORKDIR")
     _common(p)
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="diffusers folder or single-file checkpoint")
@@ -253,6 +258,14 @@ def _cmd_init_random(args: argparse.Namespace) -> None:
             print(f"wrote single-file checkpoint {args.single_file}")
 
 
+def _cmd_init_demo(args: argparse.Namespace) -> None:
+    from sdtrt.demo import init_demo
+
+    path = init_demo(args.dir, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote the demo checkpoint (draws 'a {{colour}} {{shape}} on a {{colour}} background', 32x32) to {path}")
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from sdtrt.checkpoint.loader import load_checkpoint
     from sdtrt.export.pipeline import export_checkpoint
@@ -427,6 +440,7 @@ COMMANDS = {
     "export-triton": _cmd_export_triton,
     "bench": _cmd_bench,
     "init-random": _cmd_init_random,
+    "init-demo": _cmd_init_demo,
     "export": _cmd_export,
     "build": _cmd_build,
     "check": _cmd_check,
