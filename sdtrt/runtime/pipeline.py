@@ -367,7 +367,7 @@ class Pipeline:
             self._loops.move_to_end(key)
             return st
         sched = schedulers.get_scheduler(key.scheduler)
-        tables = sched.make_tables(self.scheduler_config, key.steps).to(self.device, torch.float32)
+        tables = sched.make_tables(self.scheduler_config, key.steps, key.start).to(self.device, torch.float32)
         s = int(self.model["vae_scale_factor"])
         shape = (key.batch, int(self.model["latent_channels"]), key.height // s, key.width // s)
         x = torch.zeros(shape, dtype=torch.float32, device=self.device)

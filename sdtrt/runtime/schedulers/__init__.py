@@ -1,11 +1,11 @@
 """Schedulers written for whole-loop CUDA-graph capture; one module per scheduler, all with the same interface.
 
     sched = get_scheduler("dpmpp_2m_karras")
-    tables = sched.make_tables(scheduler_config, steps).to(device, dtype)   # host, float64 -> dtype, once
+    tables = sched.make_tables(scheduler_config, steps, start).to(device, dtype)  # host, float64, once
     x = tables.init_noise_sigma * randn(...)                                # (B, 4, H/8, W/8)
     history = new_history(tables, x)                                        # (S, B, 4, H/8, W/8), zeros
     noise = randn(tables.num_evals, ...) if tables.needs_noise else None    # drawn after x, as diffusers does
-    for _ in range(tables.num_evals):    # captured: i is a 0-dim int64 device tensor the graph advances
+    for _ in range(start, tables.num_evals):  # captured: i is a 0-dim int64 device tensor the graph advances
         out = unet(x * at(tables.c_in, i), at(tables.timesteps, i), ...)
         x = sched.step(tables, i, x, out, history, at(noise, i) if noise is not None else None)
         i += 1
@@ -62,9 +62,10 @@ class Scheduler:
         """Whether ``step`` consumes a fresh N(0, I) tensor every evaluation (fixed per scheduler)."""
         return self.module.NEEDS_NOISE
 
-    def make_tables(self, config: Mapping[str, Any], steps: int) -> Tables:
-        """Per-step tables (float64, CPU) from a diffusers ``scheduler_config.json`` dict; cast with ``.to()``."""
-        return self.module.make_tables({**config, **self.overrides}, steps)
+    def make_tables(self, config: Mapping[str, Any], steps: int, start: int = 0) -> Tables:
+        """Per-step tables (float64, CPU) from a diffusers ``scheduler_config.json`` dict; cast with ``.to()``.
+        ``start``: the first evaluation that runs (img2img); multistep solvers restart their warm-up there."""
+        return self.module.make_tables({**config, **self.overrides}, steps, start)
 
     @property
     def step(self) -> StepFn:

@@ -51,7 +51,8 @@ class DDIMTables(Tables):
     clip_sample_range: float | None  # clamp x0 to +-range; None: no clipping
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> DDIMTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> DDIMTables:
+    """Row ``i`` depends on nothing before it: img2img's ``start`` changes no row."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     schedule.require_default(cfg, NAME, thresholding=False)
     schedule.check_steps(steps, cfg, NAME)

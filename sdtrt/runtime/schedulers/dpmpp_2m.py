@@ -102,7 +102,9 @@ def multistep_grid(
     return timesteps, schedule.as_stored(np.concatenate([sigmas, [sigma_last]]))
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> DPMTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> DPMTables:
+    """DPM-Solver++ tables; from evaluation ``start`` on (img2img) the first step is first order again, as
+    diffusers' ``lower_order_nums`` restarts after ``set_timesteps`` (the final-step rule still counts all steps)."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     if cfg["algorithm_type"] == "deis":  # diffusers maps it to dpmsolver++ as well
         cfg["algorithm_type"] = "dpmsolver++"
@@ -136,7 +138,7 @@ def make_tables(config: Mapping[str, Any], steps: int) -> DPMTables:
             lower_final = i == evals - 1 and (
                 cfg["euler_at_final"] or (cfg["lower_order_final"] and evals < 15) or cfg["final_sigmas_type"] == "zero"
             )
-            second = cfg["solver_order"] == 2 and i >= 1 and not lower_final
+            second = cfg["solver_order"] == 2 and i >= start + 1 and not lower_final
             exp_neg_h = sigmas[i + 1] / sigmas[i]  # exp(lambda_s0 - lambda_t) in the VE view
             phi = alpha[i + 1] * (exp_neg_h - 1.0)  # alpha_t (exp(-h) - 1)
             coef[i, 0] = sigma_vp[i + 1] / sigma_vp[i]

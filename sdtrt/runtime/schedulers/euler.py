@@ -98,7 +98,8 @@ def derivative_coefs(prediction_type: str, sigma: np.ndarray) -> np.ndarray:
     return np.stack([sigma / (sigma**2 + 1), 1 / np.sqrt(sigma**2 + 1)], axis=-1)
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> EulerTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> EulerTables:
+    """Row ``i`` depends on nothing before it: img2img's ``start`` changes no row."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     schedule.require_default(
         cfg,

@@ -46,7 +46,8 @@ class EulerAncestralTables(Tables):
     coef: torch.Tensor  # (E, 3) x_next = c0 x + c1 out + c2 noise
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> EulerAncestralTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> EulerAncestralTables:
+    """Row ``i`` depends on nothing before it: img2img's ``start`` changes no row."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     grid = sigma_grid(cfg, steps, NAME, karras=False, final="zero")
     sigma, sigma_next = grid.sigmas[:-1], grid.sigmas[1:]

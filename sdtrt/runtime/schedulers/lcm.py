@@ -58,7 +58,8 @@ class LCMTables(Tables):
     clip_sample_range: float | None  # clamp x0 to +-range; None: no clipping
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> LCMTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> LCMTables:
+    """Row ``i`` depends on nothing before it: img2img's ``start`` changes no row."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     schedule.require_default(cfg, NAME, thresholding=False)
     schedule.check_steps(steps, cfg, NAME)

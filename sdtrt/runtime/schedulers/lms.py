@@ -70,7 +70,10 @@ def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> np.ndarray:
     return coeffs
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> LMSTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> LMSTables:
+    """LMS tables. From evaluation ``start`` on (img2img) only the derivatives stored since ``start`` are combined,
+    as diffusers does: its coefficients keep the order ``min(i + 1, 4)`` of the absolute step ``i`` while its list
+    of derivatives restarts empty, and ``zip`` drops the terms it lacks."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     schedule.require_default(cfg, NAME, use_exponential_sigmas=False, use_beta_sigmas=False)
     grid = sigma_grid(cfg, steps, NAME, karras=bool(cfg["use_karras_sigmas"]), final="zero")
@@ -81,7 +84,7 @@ def make_tables(config: Mapping[str, Any], steps: int) -> LMSTables:
     for i in range(evals):
         c = lms_coefficients(grid.sigmas, i, min(i + 1, ORDER))
         cur[i] = c[0]
-        for k in range(1, len(c)):
+        for k in range(1, min(len(c), i - start + 1)):
             ring[i, (i - k) % RING] = c[k]
     deriv = derivative_coefs(cfg["prediction_type"], sigma)
     # x + c_0 d folded into one pair of coefficients: on the first step x and c_0 d cancel to ~1% of x

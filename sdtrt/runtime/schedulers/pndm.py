@@ -71,7 +71,9 @@ def _plms_timesteps(cfg: Mapping[str, Any], steps: int) -> np.ndarray:
     return np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].astype(np.int64)
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> PNDMTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> PNDMTables:
+    """PLMS tables; from evaluation ``start`` on (img2img), the warm-up restarts there as diffusers' counter does
+    (rows before ``start`` are never run and stay zero)."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     if not cfg["skip_prk_steps"]:
         raise UsageError(f"{NAME}: the Runge-Kutta warm-up (skip_prk_steps=False) is not supported; use PLMS")
@@ -86,16 +88,17 @@ def make_tables(config: Mapping[str, Any], steps: int) -> PNDMTables:
     coef = np.zeros((evals, 3))
     ring = np.zeros((evals, RING))
     slot = np.zeros(evals, dtype=np.int64)
-    for c in range(evals):
-        if c == 1:  # re-run the first transfer from the saved sample with the mean of e_0 and e_1
-            t, t_prev, base = ts[1] + ratio, ts[1], 1
+    for c in range(start, evals):
+        r = c - start  # diffusers' counter: evaluations since the (re)start
+        if r == 1:  # re-run the first transfer from the saved sample with the mean of e_0 and e_1
+            t, t_prev, base = ts[c] + ratio, ts[c], 1
             weights, stored = (0.5, 0.5), (0,)
             slot[c] = 1 % RING  # e_1 is never read: park it where e_2 will go
         else:
             t, t_prev, base = ts[c], ts[c] - ratio, 0
             # Outputs kept: e_0, e_2, e_3, ...; the j-th kept one lives in ring slot j % RING.
-            j = 0 if c == 0 else c - 1
-            n_comb = min(max(c, 1), 4)
+            j = 0 if r == 0 else r - 1
+            n_comb = min(max(r, 1), 4)
             weights, stored = _AB[n_comb], tuple(range(j - 1, j - n_comb, -1))
             slot[c] = j % RING
         a_t = alpha_bar[t]

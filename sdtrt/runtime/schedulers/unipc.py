@@ -101,7 +101,9 @@ def _rhos(h: float, rks: Sequence[float], order: int, bh2: bool, corrector: bool
     return rho, h_phi_1, b_h
 
 
-def make_tables(config: Mapping[str, Any], steps: int) -> UniPCTables:
+def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> UniPCTables:
+    """UniPC tables; from evaluation ``start`` on (img2img) the order warm-up restarts and the first step there has
+    no corrector, as diffusers' ``lower_order_nums`` and ``last_sample`` after ``set_timesteps``."""
     cfg = schedule.read_config(config, DEFAULTS, NAME)
     if cfg["solver_type"] in ("midpoint", "heun", "logrho"):  # diffusers maps these to bh2
         cfg["solver_type"] = "bh2"
@@ -128,7 +130,8 @@ def make_tables(config: Mapping[str, Any], steps: int) -> UniPCTables:
     evals = len(timesteps)
     alpha, sigma_vp = schedule.vp_from_ve(sigmas)  # (E + 1,)
     pred = schedule.x0_eps_coefs(cfg["prediction_type"], alpha[:-1], sigma_vp[:-1])[:, :2]
-    this_order = [min(order, evals - i if cfg["lower_order_final"] else order, min(i, order) + 1) for i in range(evals)]
+    this_order = [min(order, evals - i if cfg["lower_order_final"] else order, min(max(i - start, 0), order) + 1)
+                  for i in range(evals)]
 
     corr = np.zeros((evals, 3))
     corr_ring = np.zeros((evals, order))
@@ -142,7 +145,7 @@ def make_tables(config: Mapping[str, Any], steps: int) -> UniPCTables:
     with np.errstate(divide="ignore", invalid="ignore"):
         for i in range(evals):
             # UniC: refine x_i (the previous predictor's output) into x^c_i, using m_i.
-            if i == 0 or (i - 1) in disabled:
+            if i <= start or (i - 1) in disabled:
                 corr[i, 0] = 1.0
             else:
                 k = this_order[i - 1]
