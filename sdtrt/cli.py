@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--init-image", type=Path, default=None, metavar="IMAGE",
                    help="img2img: start from this image (default size: the image's, rounded down to multiples of 8)")
-    p.add_argument("--strength", type=float, default=0.75,
-                   help="img2img: how much of the schedule to run over the image, in (0, 1]")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much of the schedule to run over the image, in (0, 1] (default 0.75)")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), metavar="PNG")
 
     p = sub.add_parser("serve", help="serve WORKDIR over HTTP: A1111 and OpenAI image APIs")
@@ -308,6 +308,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from sdtrt.runtime.png import output_paths, save_png
     from sdtrt.runtime.request import GenerateRequest
 
+    if args.strength is not None and args.init_image is None:
+        raise UsageError("--strength is img2img's denoising strength: give --init-image too")
     init_image = None
     if args.init_image is not None:
         from PIL import Image, UnidentifiedImageError
@@ -320,7 +322,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     request = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         scheduler=args.scheduler, seed=args.seed, batch=args.batch, height=args.height, width=args.width,
-        clip_skip=args.clip_skip, init_image=init_image, strength=args.strength,
+        clip_skip=args.clip_skip, init_image=init_image, strength=0.75 if args.strength is None else args.strength,
     )
     paths = output_paths(args.output, args.batch)  # checked before any heavy work
     pipe = Pipeline.load(args.workdir, backend=args.backend)
