@@ -8,10 +8,14 @@
 # Knobs (environment): OUT (required: where the JSON/Markdown/PNG go), WORK (default /tmp/sdtrt-gpu: checkpoint and
 # workdir, reused while the machine stays warm), ARCH (sd15), PRECISION (fp16), VALIDATE (0: export without the
 # ONNX Runtime check, which runs on the CPU there and is not needed for the benchmark: PSNR checks the outputs),
-# SIZE (512), STEPS (50), BATCHES (1,8), RUNS (10), WARMUP (2), CONTENDERS (auto), SKIP_COMPILE (0),
-# THREADS (torch/ORT intra-op threads; default: the libraries' own). Reports are named <gpu>-<date>.{json,md,png};
-# the PSNR reference is diffusers fp32 on the GPU with TF32 off (`sdtrt bench`'s default there).
-# One device command may run 10 minutes: split batch sizes over calls if needed (BATCHES=1 then BATCHES=8 RUNS=5).
+# SIZE (512), STEPS (50), BATCHES (1,4), RUNS (5), WARMUP (1), CONTENDERS (auto), SKIP_COMPILE (1: torch.compile
+# takes minutes; 0 to include diffusers-compile when there is time), THREADS (torch/ORT intra-op threads; default:
+# the libraries' own). Reports are named <gpu>-<date>.{json,md,png} (-2, -3... if taken); the PSNR reference is
+# diffusers fp32 on the GPU with TF32 off (`sdtrt bench`'s default there).
+# Same rules as the CPU run: every contender alone, then interleaved (flagged past 1.10x), UNet and overhead per
+# step. Sized for ONE 10-minute device command including init-random and export (all, the default): about 30 s +
+# 2 min + 11 requests per contender and batch size (1 warm-up, RUNS alone, RUNS interleaved). A budget guard stops
+# the bench at BUDGET_S (540) seconds after start so that $OUT still comes back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,13 +26,15 @@ PRECISION=${PRECISION:-fp16}
 VALIDATE=${VALIDATE:-0}
 SIZE=${SIZE:-512}
 STEPS=${STEPS:-50}
-BATCHES=${BATCHES:-1,8}
-RUNS=${RUNS:-10}
-WARMUP=${WARMUP:-2}
+BATCHES=${BATCHES:-1,4}
+RUNS=${RUNS:-5}
+WARMUP=${WARMUP:-1}
 CONTENDERS=${CONTENDERS:-auto}
-SKIP_COMPILE=${SKIP_COMPILE:-0}
+SKIP_COMPILE=${SKIP_COMPILE:-1}
 THREADS=${THREADS:-}
 PHASE=${1:-all}
+BUDGET_S=${BUDGET_S:-540}
+START=$SECONDS
 
 CKPT=$WORK/$ARCH
 WD=$WORK/$ARCH-$PRECISION
@@ -83,7 +89,9 @@ bench() {
     if [ -n "$THREADS" ]; then flags+=(--threads "$THREADS"); fi
     if [ -n "${STEM:-}" ]; then flags+=(--stem "$STEM"); fi
     log "bench ${flags[*]}"
-    sdtrt bench "$WD" "${flags[@]}" 2>&1 | tee "$OUT/bench.log"
+    left=$((BUDGET_S - (SECONDS - START)))
+    if [ "$left" -lt 60 ]; then log "only ${left}s of the budget left: not benching"; return 1; fi
+    timeout --signal=INT "$left" $SDTRT bench "$WD" "${flags[@]}" 2>&1 | tee "$OUT/bench.log"
     ls -l "$OUT"
 }
 
