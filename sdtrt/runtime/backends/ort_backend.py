@@ -75,13 +75,13 @@ class OrtBackend:
             opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if self._threads:
                 opts.intra_op_num_threads = self._threads
-            # Spinning off, on every device: after each run ORT's pool threads otherwise busy-wait (by default
-            # for milliseconds) for the next one, and in sdtrt's loop the next thing is never ORT but torch (the
-            # scheduler step, CFG, the decode's post-processing) or another library, which then runs on the
-            # cores the spinners hold. On CPU that made a torch pipeline after an ORT request 2x slower and cost
-            # ORT's own loop its scheduler math (benchmarks/README.md). On CUDA the CPU pool only hosts the few
-            # CPU-placed nodes, so waking it costs little there too. ``allow_spinning`` (only for measuring it)
-            # turns it back on: ORT alone, back to back, is where it helps.
+            # Spinning off, on every device: after each run ORT's pool threads otherwise busy-wait for the next
+            # one, but in sdtrt's loop what comes next is torch (CFG, the scheduler step, post-processing) or
+            # another library, which then runs on the cores the spinners hold. On 2 CPU cores with 2 ORT threads
+            # spinning made sdtrt's own ORT loop 2.2x slower and a torch pipeline run after it 1.2x slower
+            # (benchmarks/ort_spinning.py). On CUDA the pool only hosts CPU-placed nodes, so waking it is cheap
+            # (not measured). ``allow_spinning`` turns it back on, to measure it; it helps only when ORT runs back
+            # to back with nothing else.
             opts.add_session_config_entry("session.intra_op.allow_spinning", self._spin)
             opts.add_session_config_entry("session.inter_op.allow_spinning", self._spin)
             if self.device.type == "cuda":
