@@ -33,3 +33,7 @@ def one_line(e: BaseException) -> str:
         return type(e).__name__
     text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return f"{type(e).__name__}: {text}"
+
+
+class LoraError(UsageError):
+    """A LoRA file is missing, corrupt, out of range or made for another model."""

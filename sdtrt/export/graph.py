@@ -213,10 +213,12 @@ def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
 
 
 def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: GraphIO, path: Path,
-                 *, precision: str, opset: int, traced: Callable[[], None] | None = None) -> list[Path]:
+                 *, precision: str, opset: int, traced: Callable[[], None] | None = None,
+                 inspect: Callable[[onnx.ModelProto], None] | None = None) -> list[Path]:
     """Trace, optimise, check against TensorRT's parser rules and save one component graph; returns the files
     written (none when a check fails). ``traced`` runs once the module has been traced (the torch module is no
-    longer needed: a caller that owns it frees it there)."""
+    longer needed: a caller that owns it frees it there); ``inspect`` sees the final graph before it is saved
+    (the LoRA map reads its initializers there)."""
     # The steps of ``optimise``, each result rebound here so that every earlier model is freed as soon as the
     # next exists: a full-size UNet is 3.4 GB in fp32.
     log.info("tracing %s", path.name)
@@ -236,6 +238,8 @@ def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: Gr
     model = infer_shapes(model)
     check_graph(model)
     check_trt_rules(model, path.stem)
+    if inspect is not None:
+        inspect(model)
     log.info("saving %s", path.name)
     files = save_graph(model, path)
     del model

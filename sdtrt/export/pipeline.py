@@ -31,6 +31,7 @@ from sdtrt.export.unet import unet_export
 from sdtrt.export.vae import vae_decoder_export, vae_encoder_export, vae_scale_factor
 from sdtrt.export.validate import compare_with_onnx, raise_if_failed, reference_cases
 from sdtrt.fsutil import sha256_file, write_json_atomic
+from sdtrt.lora.targets import LORA_ROOTS, fingerprint, map_initializers
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,15 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
             cases = reference_cases(comp, precision) if spec.validate else []
             trace_args = comp.make_inputs(*comp.check_sizes[0], torch.Generator().manual_seed(0))
             later = comps[i + 1:]
+            # LoRA map: the weights' digests now (the module may be freed once traced), matched in the final graph
+            lora: dict[str, Any] = {}
+            prints = fingerprint(comp.name, comp.module) if comp.name in LORA_ROOTS else None
             files = export_graph(comp.module, trace_args, comp.io, staging / "onnx" / f"{comp.name}.onnx",
                                  precision=precision, opset=spec.opset,
-                                 traced=(lambda comp=comp, later=later: _release(comp, later)) if release else None)
+                                 traced=(lambda comp=comp, later=later: _release(comp, later)) if release else None,
+                                 inspect=(lambda model, p=prints, out=lora: out.update(map_initializers(model, p)))
+                                 if prints is not None else None)
+            del prints
             del trace_args
             bar.update(1)
             validation = None
@@ -158,6 +165,7 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
                 "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": _dtype_name(s.dtype, precision)} for s in comp.outputs],
                 "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in comp.io.dynamic_axes.items()},
                 "validation": validation,
+                **({"lora": lora} if lora else {}),
             }
             release_memory()  # ONNX Runtime's session and the torch activations of this component
         bar.close()

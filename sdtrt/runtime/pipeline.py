@@ -29,6 +29,7 @@ import torch
 
 from sdtrt.errors import SdtrtError, ShapeError, UsageError
 from sdtrt.export.manifest import read_manifest
+from sdtrt.lora.deltas import BASE, LoraLibrary
 from sdtrt.runtime import img2img, schedulers
 from sdtrt.runtime.backends import Backend, load_backend
 from sdtrt.runtime.graphs import LoopGraph, LoopKey
@@ -94,6 +95,8 @@ class Pipeline:
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._loops: OrderedDict[LoopKey, _LoopState] = OrderedDict()  # LRU, at most LOOP_CACHE_SIZE
         self.use_cuda_graph = backend.capturable and self.device.type == "cuda"
+        self.loras = LoraLibrary(manifest)
+        self._lora_key: tuple | None = ()  # the LoRA set the backend's weights hold now; () = the base model
 
     @property
     def model_name(self) -> str:
@@ -129,12 +132,14 @@ class Pipeline:
         clip_skip: int = 1,
         image: Any = None,
         strength: float = 0.75,
+        loras: Sequence[tuple[str, float]] = (),
     ) -> Result:
-        """Shaped like diffusers' call; returns images and per-stage timings."""
+        """Shaped like diffusers' call; returns images and per-stage timings. ``loras``: (path, scale) pairs,
+        applied for this call only (the next call without them gets exactly the base model's image)."""
         return self.generate(GenerateRequest(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             scheduler=scheduler, seed=seed, batch=num_images_per_prompt, height=height, width=width,
-            clip_skip=clip_skip, init_image=image, strength=strength,
+            clip_skip=clip_skip, init_image=image, strength=strength, loras=tuple(loras),
         ))
 
     def validate(self, request: GenerateRequest) -> GenerateRequest:
@@ -142,6 +147,7 @@ class Pipeline:
         Cheap (no device work): servers call it at the edge, before queueing."""
         req = request.validated(default_size=int(self.model["default_size"]), default_scheduler=self.default_scheduler,
                                 scheduler_names=SCHEDULER_NAMES)
+        req = replace(req, loras=self.loras.check(req.loras))  # files read and matched to this model once, here
         if req.init_image is not None:
             img2img.check_scheduler(req.scheduler)
             img2img.start_index(req.steps, req.strength)
@@ -193,8 +199,8 @@ class Pipeline:
         reqs = [self.validate(r) for r in requests]
         keys = {batch_key(r) for r in reqs}
         if len(keys) > 1:
-            raise UsageError("requests batched together must share size, scheduler, steps, guidance, clip skip and "
-                             "img2img strength")
+            raise UsageError("requests batched together must share size, scheduler, steps, guidance, clip skip, "
+                             "img2img strength and LoRAs")
         rows = sum(r.batch for r in reqs)
         if rows > MAX_BATCH:
             raise UsageError(f"a batch of {rows} images is over the limit of {MAX_BATCH}")
@@ -220,6 +226,7 @@ class Pipeline:
         unet_dims, decoder_dims = self._dims(b, h, w, cfg)
         self._unet.activate(unet_dims)
         self._decoder.activate(decoder_dims)
+        self._use_loras(first.loras)  # one LoRA set per pass (batch_key)
 
         # 1. text embeddings into the UNet's input: [uncond; cond], (2B or B, 77, C)
         ehs = self._unet.inputs["encoder_hidden_states"]
@@ -311,6 +318,9 @@ class Pipeline:
             parts.append(f"Denoising strength: {req.strength:g}")
         if req.batch > 1:
             parts += [f"Batch size: {req.batch}", f"Batch pos: {batch_pos}"]
+        if req.loras:  # A1111's spelling: Lora hashes: "name: 12 hex digits, name2: ..."
+            hashes = ", ".join(f"{f.name}: {f.short_hash}" for f in self.loras.files(req.loras))
+            parts.append(f'Lora hashes: "{hashes}"')
         parts.append(f"Backend: sdtrt {self.backend.name}")
         text = req.prompt
         if req.negative_prompt:
@@ -330,7 +340,7 @@ class Pipeline:
     def _embed(self, prompt: str, clip_skip: int) -> torch.Tensor:
         """(1, 77, C) embedding of one prompt, cached by its token ids."""
         ids = self._tokens(prompt)
-        key = (ids, clip_skip)
+        key = (ids, clip_skip, self._lora_key)  # a LoRA may change the text encoder
         hit = self._text_cache.get(key)
         if hit is not None:
             self._text_cache.move_to_end(key)
@@ -343,6 +353,18 @@ class Pipeline:
         if len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return out
+
+    def _use_loras(self, loras: tuple) -> None:
+        """Give the backend's weights the LoRA set ``loras`` (validated), or the base model's for ``()``."""
+        key = self.loras.key(loras)
+        if key == self._lora_key:
+            return
+        self._lora_key = None  # until the backend has finished: after a failed switch the next call re-applies
+        self.backend.apply_lora(self.loras.deltas(loras) if loras else BASE)
+        self._lora_key = key
+        for st in self._loops.values():
+            # TensorRT promises nothing about a refitted engine's weight addresses: re-capture on the next run
+            st.graph = None
 
     def _noised_image(self, req: GenerateRequest, st: _LoopState, start: int, shape: tuple[int, ...],
                       generator: torch.Generator) -> torch.Tensor:

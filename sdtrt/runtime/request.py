@@ -31,6 +31,7 @@ class GenerateRequest:
     strength: float = 0.75
 
     def validated(self, *, default_size: int, default_scheduler: str, scheduler_names: tuple[str, ...]) -> GenerateRequest:
+    loras: tuple[tuple[str, float], ...] = ()  # (path, scale) per LoRA; checked by the pipeline (sdtrt.lora)
         """Fill defaults and check every field; raise ``UsageError`` naming the first bad one."""
         if not isinstance(self.prompt, str):
             raise UsageError("prompt must be a string")
@@ -89,4 +90,5 @@ def batch_key(req: GenerateRequest) -> BatchKey:
     """The batch key of a *validated* request (see ``Pipeline.validate``)."""
     img = req.init_image is not None
     return BatchKey(req.height, req.width, req.scheduler, req.steps, req.guidance, req.clip_skip, img,
-                    req.strength if img else 0.0)
+                    req.strength if img else 0.0, tuple(req.loras))
+    loras: tuple = ()  # one LoRA set per pass: a pass runs one set of weights

@@ -10,11 +10,14 @@ one CUDA graph. The pipeline never asks which backend it runs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from sdtrt.errors import ShapeError
+
+if TYPE_CHECKING:
+    from sdtrt.lora.deltas import LoraDeltas
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -54,6 +57,11 @@ class Backend(Protocol):
     capturable: bool
 
     def runner(self, component: str) -> Runner: ...
+
+    def apply_lora(self, lora: LoraDeltas) -> None:
+        """Make each LoRA-targetable weight ``base + delta`` for the modules in ``lora.by_component`` and exactly
+        ``base`` for every other one (``sdtrt.lora.deltas.BASE`` restores the base model bit for bit). Runners made
+        earlier see the new weights."""
 
 
 def resolve_shape(shape: list[int | str], dims: Mapping[str, int]) -> tuple[int, ...]:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from sdtrt.errors import CheckpointError
+from sdtrt.lora.deltas import LoraDeltas
+from sdtrt.lora.targets import module_of
 from sdtrt.runtime.backends.base import BufferedRunner
 
 
@@ -59,6 +61,23 @@ class TorchBackend:
         self._modules = {n: w().eval().to(device=device, dtype=self.dtype) for n, w in wrappers.items()}
         # diffusers keeps the sinusoidal timestep projection in fp32 itself; nothing else to special-case.
         self.source = ckpt
+        self._base: dict[tuple[str, str], torch.Tensor] = {}  # base weights of the modules a LoRA changed now
+
+    def apply_lora(self, lora: LoraDeltas) -> None:
+        """In place (same tensors, so captured graphs still read them); the changed modules' base weights are kept
+        and copied back, so returning to base is bit-exact."""
+        with torch.no_grad():
+            wanted = {(c, n) for c, mods in lora.by_component.items() for n in mods}
+            for key in [k for k in self._base if k not in wanted]:
+                self._weight(*key).copy_(self._base.pop(key))
+            for comp, mods in lora.by_component.items():
+                for name, delta in mods.items():
+                    w = self._weight(comp, name)
+                    base = self._base.setdefault((comp, name), w.clone())
+                    w.copy_((base.float() + delta.to(w.device)).to(w.dtype))
+
+    def _weight(self, component: str, name: str) -> torch.Tensor:
+        return module_of(component, self._modules[component], name).weight
 
     def runner(self, component: str) -> TorchRunner:
         entry = self._manifest["components"][component]
