@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img: start from this image (default size: the image's, rounded down to multiples of 8)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much of the schedule to run over the image, in (0, 1] (default 0.75)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA .safetensors (kohya or diffusers) at SCALE in [-4, 4] (default 1); repeatable")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), metavar="PNG")
 
     p = sub.add_parser("serve", help="serve WORKDIR over HTTP: A1111 and OpenAI image APIs")
@@ -304,6 +306,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    from sdtrt.lora.deltas import parse_lora_arg
     from sdtrt.runtime.pipeline import Pipeline
     from sdtrt.runtime.png import output_paths, save_png
     from sdtrt.runtime.request import GenerateRequest
@@ -323,6 +326,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         scheduler=args.scheduler, seed=args.seed, batch=args.batch, height=args.height, width=args.width,
         clip_skip=args.clip_skip, init_image=init_image, strength=0.75 if args.strength is None else args.strength,
+        loras=tuple(parse_lora_arg(a) for a in args.lora),
     )
     paths = output_paths(args.output, args.batch)  # checked before any heavy work
     pipe = Pipeline.load(args.workdir, backend=args.backend)
