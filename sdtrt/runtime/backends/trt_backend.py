@@ -31,6 +31,7 @@ import torch
 from sdtrt.engines import compat
 from sdtrt.engines.compat import Environment, Flavour
 from sdtrt.engines.profiles import ComponentProfile, check_shape
+from sdtrt.engines.refit import EngineRefit
 from sdtrt.engines.sidecar import (
     engine_path,
     engines_dir,
@@ -41,6 +42,8 @@ from sdtrt.engines.sidecar import (
     stale_reason,
 )
 from sdtrt.errors import EngineError, ShapeError
+from sdtrt.lora.deltas import LoraDeltas
+from sdtrt.lora.targets import LORA_ROOTS
 from sdtrt.runtime.backends.base import DTYPES, BufferedRunner, resolve_shape
 
 if TYPE_CHECKING:  # run time goes through a compat.Flavour; this import is for type checkers and the API check
@@ -209,6 +212,7 @@ class TensorRTBackend:
             self._runtime = runtime
             self._scratch = allocate_scratch(self._engines, device)
         self._cache = self.flavour.runtime_cache(engines_dir(self.workdir))
+        self._refits = lora_refits(self.flavour, self._engines, manifest, self.workdir)
         log.info("%s: loaded %s; shared scratch %s", self.flavour.label(), ", ".join(self._engines),
                  compat.gib(self._scratch.numel()))
 
@@ -238,10 +242,28 @@ class TensorRTBackend:
         return TensorRTRunner(component, entry, loaded.profile, self.device, new_context=new_context,
                               capturable=self.flavour.capturable, warmed=self.save_cache, hint=hint)
 
+    def apply_lora(self, lora: LoraDeltas) -> None:
+        """Refit the LoRA-targetable engines (``sdtrt.engines.refit``); the pipeline re-captures its loops after."""
+        with torch.cuda.device(self.device):
+            for comp, refit in self._refits.items():
+                refit.apply(lora.by_component.get(comp, {}))
+
     def save_cache(self) -> None:
         """Keep what the flavour compiled at run time (TensorRT-RTX's runtime cache) for the next process."""
         if self._cache is not None:
             self._cache.save()
+
+
+def lora_refits(flavour: Flavour, engines: Mapping[str, LoadedEngine], manifest: Mapping,
+                workdir: Path) -> dict[str, EngineRefit]:
+    """An ``EngineRefit`` per loaded engine a LoRA may change (those with a LoRA map in the manifest)."""
+    out = {}
+    for comp, loaded in engines.items():
+        entry = manifest["components"][comp]
+        if comp in LORA_ROOTS and "lora" in entry:
+            out[comp] = EngineRefit(flavour.module(), flavour.logger(), loaded.engine, comp,
+                                    workdir / entry["files"][0]["path"], entry["lora"]["targets"], workdir)
+    return out
 
 
 def engines_flavour(workdir: Path, components: list[str]) -> Flavour:
