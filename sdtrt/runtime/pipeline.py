@@ -30,7 +30,7 @@ import torch
 from sdtrt.errors import SdtrtError, ShapeError, UsageError
 from sdtrt.export.manifest import read_manifest
 from sdtrt.lora.deltas import BASE, LoraLibrary
-from sdtrt.runtime import img2img, schedulers
+from sdtrt.runtime import img2img, prompts, schedulers
 from sdtrt.runtime.backends import Backend, load_backend
 from sdtrt.runtime.graphs import LoopGraph, LoopKey
 from sdtrt.runtime.request import MAX_BATCH, GenerateRequest, batch_key
@@ -122,6 +122,7 @@ class Pipeline:
         prompt: str,
         *,
         negative_prompt: str = "",
+        prompt_syntax: str = "a1111",
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         seed: int = 0,
@@ -137,7 +138,8 @@ class Pipeline:
         """Shaped like diffusers' call; returns images and per-stage timings. ``loras``: (path, scale) pairs,
         applied for this call only (the next call without them gets exactly the base model's image)."""
         return self.generate(GenerateRequest(
-            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
+            prompt=prompt, negative_prompt=negative_prompt, prompt_syntax=prompt_syntax, steps=num_inference_steps,
+            guidance=guidance_scale,
             scheduler=scheduler, seed=seed, batch=num_images_per_prompt, height=height, width=width,
             clip_skip=clip_skip, init_image=image, strength=strength, loras=tuple(loras),
         ))
@@ -231,10 +233,10 @@ class Pipeline:
         # 1. text embeddings into the UNet's input: [uncond; cond], (2B or B, 77, C)
         ehs = self._unet.inputs["encoder_hidden_states"]
         for req, r in parts:
-            cond = self._embed(req.prompt, req.clip_skip)
+            cond = self._embed(req.prompt, req.clip_skip, req.prompt_syntax)
             n = r.stop - r.start
             if cfg:
-                ehs[r].copy_(self._embed(req.negative_prompt, req.clip_skip).expand(n, -1, -1))
+                ehs[r].copy_(self._embed(req.negative_prompt, req.clip_skip, req.prompt_syntax).expand(n, -1, -1))
                 ehs[b + r.start : b + r.stop].copy_(cond.expand(n, -1, -1))
             else:
                 ehs[r].copy_(cond.expand(n, -1, -1))
@@ -337,18 +339,36 @@ class Pipeline:
             ids = ids[: max_len - 1] + ids[-1:]
         return tuple(ids) + (self.tokenizer.pad_token_id,) * (max_len - len(ids))
 
-    def _embed(self, prompt: str, clip_skip: int) -> torch.Tensor:
-        """(1, 77, C) embedding of one prompt, cached by its token ids."""
-        ids = self._tokens(prompt)
+    def _chunks(self, prompt: str, syntax: str) -> prompts.Chunks:
+        """Token ids and weights of ``prompt``: A1111's rules (``a1111``), or the text as diffusers tokenizes it."""
+        if syntax == "plain":
+            ids = self._tokens(prompt)
+            return prompts.Chunks((ids,), ((1.0,) * len(ids),))
+        chunks = prompts.chunk_prompt(prompt, self.tokenizer)
+        if len(chunks) > 1:
+            log.warning("prompt is %d chunks of 75 tokens; only the first is used (the UNet takes one chunk)",
+                        len(chunks))
+            chunks = prompts.Chunks(chunks.ids[:1], chunks.weights[:1])
+        return chunks
+
+    def _embed(self, prompt: str, clip_skip: int, syntax: str = "a1111") -> torch.Tensor:
+        """(1, 77, C) embedding of one prompt, cached by its token ids and weights."""
+        ids = self._chunks(prompt, syntax)
         key = (ids, clip_skip, self._lora_key)  # a LoRA may change the text encoder
         hit = self._text_cache.get(key)
         if hit is not None:
             self._text_cache.move_to_end(key)
             return hit
         self._text.activate({"B": 1})
-        self._text.inputs["input_ids"].copy_(torch.tensor([ids], dtype=torch.int32))
-        self._text.run()
-        out = self._text.outputs["last_hidden_state" if clip_skip == 1 else "penultimate_hidden_state"].clone()
+        hidden = []
+        for chunk in ids.ids:  # one chunk per call: A1111 encodes (and rescales) each chunk alone
+            self._text.inputs["input_ids"].copy_(torch.tensor([chunk], dtype=torch.int32))
+            self._text.run()
+            hidden.append(self._text.outputs["last_hidden_state" if clip_skip == 1 else "penultimate_hidden_state"].clone())
+        out = torch.cat(hidden)  # (k, 77, C)
+        if ids.weighted:
+            out = prompts.apply_weights(out, torch.tensor(ids.weights)).to(hidden[0].dtype)
+        out = out.reshape(1, -1, out.shape[-1])  # chunks side by side along the sequence axis
         self._text_cache[key] = out
         if len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)

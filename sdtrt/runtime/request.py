@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sdtrt.errors import UsageError
+from sdtrt.runtime import prompts
 
 MAX_SIDE = 2048
 MAX_BATCH = 64
@@ -19,6 +20,7 @@ class GenerateRequest:
 
     prompt: str
     negative_prompt: str = ""
+    prompt_syntax: str = "a1111"  # A1111's emphasis, BREAK and chunks; "plain": the text as diffusers reads it
     steps: int = 30
     guidance: float = 7.5
     scheduler: str | None = None
@@ -29,9 +31,9 @@ class GenerateRequest:
     clip_skip: int = 1
     init_image: Any = None  # PIL.Image or (H, W, 3) uint8 array
     strength: float = 0.75
+    loras: tuple[tuple[str, float], ...] = ()  # (path, scale) per LoRA; checked by the pipeline (sdtrt.lora)
 
     def validated(self, *, default_size: int, default_scheduler: str, scheduler_names: tuple[str, ...]) -> GenerateRequest:
-    loras: tuple[tuple[str, float], ...] = ()  # (path, scale) per LoRA; checked by the pipeline (sdtrt.lora)
         """Fill defaults and check every field; raise ``UsageError`` naming the first bad one."""
         if not isinstance(self.prompt, str):
             raise UsageError("prompt must be a string")
@@ -54,6 +56,12 @@ class GenerateRequest:
             raise UsageError(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
         if self.clip_skip not in (1, 2):
             raise UsageError(f"clip-skip must be 1 (last layer) or 2 (penultimate layer), got {self.clip_skip!r}")
+        if self.prompt_syntax not in prompts.SYNTAXES:
+            raise UsageError(f"prompt syntax must be one of {', '.join(prompts.SYNTAXES)}, got {self.prompt_syntax!r}")
+        if self.prompt_syntax == "a1111":
+            for text in (self.prompt, self.negative_prompt):
+                prompts.check_supported(text)
+                prompts.parse_attention(text)  # a weight that is no number, refused here rather than mid-batch
         sched = default_scheduler if self.scheduler is None else self.scheduler
         if sched not in scheduler_names:
             raise UsageError(f"unknown scheduler {sched!r}; choose one of {', '.join(scheduler_names)}")
@@ -84,6 +92,7 @@ class BatchKey:
     clip_skip: int
     img2img: bool
     strength: float
+    loras: tuple = ()  # one LoRA set per pass: a pass runs one set of weights
 
 
 def batch_key(req: GenerateRequest) -> BatchKey:
@@ -91,4 +100,3 @@ def batch_key(req: GenerateRequest) -> BatchKey:
     img = req.init_image is not None
     return BatchKey(req.height, req.width, req.scheduler, req.steps, req.guidance, req.clip_skip, img,
                     req.strength if img else 0.0, tuple(req.loras))
-    loras: tuple = ()  # one LoRA set per pass: a pass runs one set of weights

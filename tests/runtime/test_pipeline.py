@@ -319,7 +319,7 @@ def test_long_prompt_is_truncated_with_a_warning(pipes, caplog):
     pipe._text.run = lambda: (fed.append(pipe._text.inputs["input_ids"].clone()), run())[1]
     try:
         with caplog.at_level("WARNING"):
-            pipe(prompt, num_inference_steps=1, guidance_scale=1.0)
+            pipe(prompt, num_inference_steps=1, guidance_scale=1.0, prompt_syntax="plain")
     finally:
         pipe._text.run = run
     assert "truncated to 77" in caplog.text
