@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=256, help="open HTTP connections (more: 503)")
     p.add_argument("--api-key", default=os.environ.get("SDTRT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $SDTRT_API_KEY; none: no auth)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="LoRAs (.safetensors, by file name) for <lora:NAME:SCALE> in prompts and OpenAI's 'loras'")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (RAY_ADDRESS: join that cluster)")
     p.add_argument("--min-replicas", type=int, default=1, help="--ray: replicas kept up")
     p.add_argument("--max-replicas", type=int, default=None, help="--ray: autoscaling limit (default: one per GPU)")
@@ -405,7 +407,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     spec = ServeSpec(max_batch=args.max_batch, max_queue=args.max_queue, batch_window_ms=args.batch_window_ms,
                      timeout_s=args.timeout, api_key=args.api_key, max_body_mb=args.max_body_mb,
-                     max_steps=args.max_steps, max_connections=args.max_connections)  # checked before the model loads
+                     max_steps=args.max_steps, max_connections=args.max_connections,
+                     lora_dir=args.lora_dir)  # checked before the model loads
 
     def announce(msg: str) -> None:
         if not args.quiet:

@@ -13,6 +13,7 @@ Seeds: ``-1`` picks a random seed. A request of ``batch_size`` N with seed S mak
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from typing import Any
@@ -24,7 +25,9 @@ from sdtrt.errors import UsageError
 from sdtrt.runtime import schedulers
 from sdtrt.runtime.request import MAX_BATCH, MAX_STEPS, GenerateRequest
 from sdtrt.serve.images import decode_image, encode_png
+from sdtrt.serve.loras import NO_LORA_FOLDER, LoraFolder
 
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag, e.g. <lora:NAME:SCALE>
 _KARRAS = {"dpmpp_2m": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
 
 
@@ -131,9 +134,36 @@ def _check_neutral(body: _Common) -> None:
             raise UsageError(f"init_images: exactly one image is supported, got {len(body.init_images)}")
 
 
-def to_requests(body: _Common, model_name: str) -> list[GenerateRequest]:
-    """One ``GenerateRequest`` per iteration (``n_iter``); the edge checks, the pipeline validates the rest."""
+def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's ``<lora:NAME>`` / ``<lora:NAME:SCALE>`` tags removed from the prompt text (replaced by nothing, as
+    A1111 does) -> (text, [(name, scale), ...]) in the order written. Other extra networks are refused."""
+    found: list[tuple[str, float]] = []
+
+    def take(m: re.Match) -> str:
+        kind, args = m.group(1), m.group(2).split(":")
+        if kind != "lora":
+            raise UsageError(f"prompt: {m.group(0)}: only <lora:NAME:SCALE> extra networks are supported")
+        if len(args) > 2 or "=" in m.group(2):
+            raise UsageError(f"prompt: {m.group(0)}: write <lora:NAME:SCALE> (one scale for the text encoder and "
+                             "the UNet)")
+        try:
+            scale = float(args[1]) if len(args) > 1 else 1.0
+        except ValueError:
+            raise UsageError(f"prompt: {m.group(0)}: the scale {args[1]!r} is not a number") from None
+        found.append((args[0], scale))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), found
+
+
+def to_requests(body: _Common, model_name: str, loras: LoraFolder = NO_LORA_FOLDER) -> list[GenerateRequest]:
+    """One ``GenerateRequest`` per iteration (``n_iter``); the edge checks, the pipeline validates the rest.
+    ``loras``: the server's LoRA folder, which turns the prompt's ``<lora:NAME:SCALE>`` tags into files."""
     _check_neutral(body)
+    prompt, named = extract_loras(body.prompt or "")
+    if _EXTRA_NETWORK.search(body.negative_prompt or ""):
+        raise UsageError("negative_prompt: extra networks such as <lora:NAME:SCALE> are read in the prompt only")
+    lora_set = loras.resolve(named)
     if body.batch_size * body.n_iter > MAX_BATCH:
         raise UsageError(f"batch_size x n_iter is {body.batch_size * body.n_iter}, over the limit of {MAX_BATCH}")
     seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
@@ -146,9 +176,9 @@ def to_requests(body: _Common, model_name: str) -> list[GenerateRequest]:
         strength = body.denoising_strength
     return [
         GenerateRequest(
-            prompt=body.prompt or "", negative_prompt=body.negative_prompt or "", steps=body.steps, guidance=body.cfg_scale,
+            prompt=prompt, negative_prompt=body.negative_prompt or "", steps=body.steps, guidance=body.cfg_scale,
             scheduler=scheduler, seed=seed + k, batch=body.batch_size, height=body.height, width=body.width,
-            clip_skip=clip_skip, init_image=init, strength=strength,
+            clip_skip=clip_skip, init_image=init, strength=strength, loras=lora_set,
         )
         for k in range(body.n_iter)
     ]
@@ -157,16 +187,19 @@ def to_requests(body: _Common, model_name: str) -> list[GenerateRequest]:
 def to_response(body: _Common, results: list, model_name: str) -> A1111Response:
     """Answer as A1111 does: base64 PNGs, the request echoed as ``parameters``, and ``info`` as JSON text."""
     first = results[0].request
+    prompt = body.prompt or ""  # as sent: with its <lora:...> tags, which A1111's infotext keeps
     images, infotexts, seeds = [], [], []
     for res in results:
         for image, text in zip(res.images, res.infotexts, strict=True):
+            if res.request.prompt != prompt and text.startswith(res.request.prompt):
+                text = prompt + text[len(res.request.prompt):]
             images.append(encode_png(image, text))
             infotexts.append(text)
             seeds.append(res.request.seed)
     n = len(images)
     info = {
-        "prompt": first.prompt,
-        "all_prompts": [first.prompt] * n,
+        "prompt": prompt,
+        "all_prompts": [prompt] * n,
         "negative_prompt": first.negative_prompt,
         "all_negative_prompts": [first.negative_prompt] * n,
         "seed": first.seed,

@@ -27,6 +27,7 @@ from sdtrt.serve import a1111, openai_images
 from sdtrt.serve.batcher import Batcher, BatcherSpec
 from sdtrt.serve.gate import Gate
 from sdtrt.serve.http_errors import ClientGone, RequestTimeout, error_response
+from sdtrt.serve.loras import LoraFolder
 from sdtrt.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ServeSpec:
     max_body_mb: float = 32.0
     max_steps: int = 150  # per request (A1111's UI limit); a request's cost is steps x images x pixels
     max_connections: int = 256  # open HTTP connections; uvicorn answers 503 beyond
+    lora_dir: str | None = None  # LoRAs by file stem for <lora:NAME:SCALE> and OpenAI's "loras" (sdtrt.serve.loras)
 
     def __post_init__(self) -> None:
         for name, value, zero_ok in (("timeout", self.timeout_s, False), ("max body size (MB)", self.max_body_mb, False),
@@ -54,6 +56,8 @@ class ServeSpec:
             raise UsageError(f"max connections must be at least 1, got {self.max_connections}")
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("the API key must not be empty")
+        if self.lora_dir is not None and not str(self.lora_dir).strip():
+            raise UsageError("the LoRA folder must not be empty")
         self.batcher_spec()  # its own checks
 
     def batcher_spec(self) -> BatcherSpec:
@@ -63,6 +67,7 @@ class ServeSpec:
 def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | None = None) -> FastAPI:
     """The server over a loaded ``Pipeline``; its batcher thread starts now and drains on shutdown."""
     metrics = metrics or Metrics()
+    loras = LoraFolder(spec.lora_dir)
     batcher = Batcher(pipeline.generate_batch, spec.batcher_spec(), metrics, capacity=pipeline.max_rows)
     model_name = pipeline.model_name
 
@@ -74,7 +79,7 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
 
     app = FastAPI(title="sdtrt", version=__version__, lifespan=lifespan,
                   description="Stable Diffusion on TensorRT: AUTOMATIC1111 and OpenAI image APIs.")
-    app.state.batcher, app.state.metrics, app.state.pipeline = batcher, metrics, pipeline
+    app.state.batcher, app.state.metrics, app.state.pipeline, app.state.loras = batcher, metrics, pipeline, loras
     app.add_middleware(Gate, max_body=int(spec.max_body_mb * 2**20), metrics=metrics, api_key=spec.api_key)
 
     for exc in (SdtrtError, RequestValidationError, HTTPException, Exception):
@@ -126,12 +131,12 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     # -- A1111 ---------------------------------------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img", tags=["a1111"], response_model=a1111.A1111Response)
     async def txt2img(body: a1111.Txt2ImgRequest, http: Request):
-        results = await run(http, a1111.to_requests(body, model_name))
+        results = await run(http, a1111.to_requests(body, model_name, loras))
         return await run_in_threadpool(a1111.to_response, body, results, model_name)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"], response_model=a1111.A1111Response)
     async def img2img(body: a1111.Img2ImgRequest, http: Request):
-        requests = await run_in_threadpool(a1111.to_requests, body, model_name)  # decodes the image
+        requests = await run_in_threadpool(a1111.to_requests, body, model_name, loras)  # decodes the image
         body.init_images = []  # decoded: do not hold the base64 text while queued (the answer never echoes it)
         results = await run(http, requests)
         return await run_in_threadpool(a1111.to_response, body, results, model_name)
@@ -153,6 +158,14 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     def scripts() -> dict:
         return {"txt2img": [], "img2img": []}
 
+    @app.get("/sdapi/v1/loras", tags=["a1111"])
+    def lora_list() -> list[dict]:
+        return loras.listing()
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["a1111"])
+    def refresh_loras() -> None:  # A1111 answers null
+        loras.refresh()
+
     @app.get("/sdapi/v1/progress", tags=["a1111"])
     def progress() -> dict:  # no per-step progress yet: clients polling it see the queue
         return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
@@ -162,7 +175,7 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     @app.post("/v1/images/generations", tags=["openai"],
               response_model=openai_images.ImagesResponse)
     async def images_generations(body: openai_images.ImageGenerationRequest, http: Request):
-        (result,) = await run(http, [openai_images.to_request(body)])
+        (result,) = await run(http, [openai_images.to_request(body, loras)])
         return await run_in_threadpool(openai_images.to_response, result)
 
     @app.get("/v1/models", tags=["openai"])

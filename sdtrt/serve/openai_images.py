@@ -4,7 +4,7 @@
 images come back as ``b64_json`` PNGs (this server does not host files, so ``response_format=url`` is refused).
 ``model``, ``quality``, ``style``, ``user`` are accepted and do not change anything. sdtrt's own knobs ride in the
 same body (``extra_body`` in the official client): ``negative_prompt``, ``steps``, ``guidance_scale``, ``seed``,
-``sampler``.
+``sampler``, and ``loras`` (``[{"name": ..., "scale": ...}]``, names from the server's ``--lora-dir``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,16 @@ from sdtrt.errors import UsageError
 from sdtrt.runtime.request import MAX_BATCH, MAX_STEPS, GenerateRequest
 from sdtrt.serve.a1111 import resolve_sampler
 from sdtrt.serve.images import encode_png
+from sdtrt.serve.loras import NO_LORA_FOLDER, LoraFolder
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt "scale" must not silently mean 1.0
+
+    name: str = Field(..., min_length=1, max_length=1000)
+    scale: float = 1.0  # its range is checked with the file (sdtrt.lora)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -41,6 +49,7 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float = Field(7.5, ge=0, le=100)
     seed: int | None = Field(None, ge=0, lt=2**63)
     sampler: str | None = None
+    loras: list[LoraRef] = Field(default_factory=list, max_length=16)
 
 
 class ImageData(BaseModel):
@@ -54,7 +63,7 @@ class ImagesResponse(BaseModel):
     seed: int  # sdtrt: the seed used, to reproduce the images
 
 
-def to_request(body: ImageGenerationRequest) -> GenerateRequest:
+def to_request(body: ImageGenerationRequest, loras: LoraFolder = NO_LORA_FOLDER) -> GenerateRequest:
     if body.response_format != "b64_json":
         raise UsageError(f"response_format {body.response_format!r} is not supported; use 'b64_json' "
                          "(this server does not host image files)")
@@ -69,7 +78,7 @@ def to_request(body: ImageGenerationRequest) -> GenerateRequest:
     return GenerateRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.guidance_scale,
         scheduler=resolve_sampler(body.sampler, None), seed=secrets.randbelow(2**32) if body.seed is None else body.seed,
-        batch=body.n, height=height, width=width,
+        batch=body.n, height=height, width=width, loras=loras.resolve([(ref.name, ref.scale) for ref in body.loras]),
     )
 
 

@@ -1,9 +1,9 @@
 """The same app as a Ray Serve deployment: one replica per GPU, autoscaled on ongoing requests.
 
 ``sdtrt serve WORKDIR --ray`` runs it; or ``serve run sdtrt.serve.ray_app:build workdir=WORKDIR`` (Ray's own
-CLI; any ``ServeSpec`` field and ``backend``, ``min_replicas``, ``max_replicas`` as ``key=value``). Each replica
-loads the pipeline and runs its own batcher, so micro-batching happens per replica and Ray spreads requests over
-replicas.
+CLI; any ``ServeSpec`` field, ``lora_dir`` included, and ``backend``, ``min_replicas``, ``max_replicas`` as
+``key=value``). Each replica loads the pipeline and runs its own batcher, so micro-batching happens per replica and
+Ray spreads requests over replicas.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def build_application(workdir: str | Path, spec: ServeSpec | None = None, ray_sp
     from sdtrt.export.manifest import read_manifest
 
     read_manifest(workdir)  # a bad workdir fails here, not in every replica
+    if spec.lora_dir is not None:
+        from sdtrt.serve.loras import check_lora_dir
+
+        check_lora_dir(spec.lora_dir)  # the replicas need it at the same path, as the workdir
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     per_replica = ray_spec.gpus_per_replica if ray_spec.gpus_per_replica is not None else (1.0 if gpus else 0.0)
     max_replicas = ray_spec.max_replicas or max(1, int(gpus // per_replica) if per_replica else 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.serve.app import ServeSpec, create_app
+from sdtrt.serve.loras import check_lora_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def run_server(workdir: str | Path, spec: ServeSpec, *, host: str = "127.0.0.1",
     from sdtrt.runtime.pipeline import Pipeline
 
     warn_if_open(host, spec)
+    check_lora_dir(spec.lora_dir)  # before the model loads
     sock = bind(host, port)
     pipeline = Pipeline.load(workdir, backend=backend)
     app = create_app(pipeline, spec)
