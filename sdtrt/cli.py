@@ -232,6 +232,13 @@ def _quiet_libraries() -> None:
     """transformers and huggingface_hub draw their own loading bars; ours say more. Said through the environment:
     importing them here would cost every command seconds (diffusers has no such variable: ``_quiet_diffusers``)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Already imported (main() called in-process, as tests and embedders do): the variable was read, so say it.
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        sys.modules["diffusers"].utils.logging.disable_progress_bar()
 
 
 def _quiet_diffusers(args: argparse.Namespace) -> None:
