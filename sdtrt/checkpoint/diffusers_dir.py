@@ -96,16 +96,17 @@ def load_diffusers_dir(
     arch = match_arch(configs, hint=_read_arch_hint(path))
 
     tokenizer = _load_tokenizer(path, tokenizer_dir, configs["text_encoder"], family)
+    if vae is not None:  # checked before any model is loaded
+        from sdtrt.checkpoint.vae import build_vae, check_vae, read_vae
+
+        vae_state, vae_config = read_vae(vae, allow_pickle=allow_pickle)
+        check_vae(vae, vae_state, vae_config, configs["vae"])
     comps = [c for c in _WEIGHT_STEMS if not (c == "vae" and vae is not None)]
     weights = {comp: _find_weights(path / comp, comp, allow_pickle) for comp in comps}
     classes = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
     models = {comp: _load_component(path / comp, classes[comp], *weights[comp]) for comp in comps}
     notes: tuple[str, ...] = ()
     if vae is not None:
-        from sdtrt.checkpoint.vae import build_vae, check_vae, read_vae
-
-        vae_state, vae_config = read_vae(vae, allow_pickle=allow_pickle)
-        check_vae(vae, vae_state, vae_config, configs["vae"])
         models["vae"] = build_vae(vae, vae_state, configs["vae"])
         notes = (f"VAE from {vae}",)
     for model in models.values():
