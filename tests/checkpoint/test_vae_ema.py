@@ -185,3 +185,17 @@ def test_alphas_cumprod_that_disagrees_is_warned(sd1_file, tmp_path, caplog, end
     assert bool(msgs) == warns
     if warns:
         assert msgs[0].startswith(f"{f}: its alphas_cumprod (the noise schedule it was trained with) differs")
+
+
+def test_the_torch_backend_loads_the_source_as_it_was_exported(sd1_file, other_vae, tmp_path):
+    """--vae (and --ema) recorded in the manifest's load options reach the torch backend, which reloads the source:
+    it must run the VAE the graphs were exported with, not the file's own (or fail on a VAE-less file)."""
+    from sdtrt.cli import main
+    from sdtrt.export.manifest import read_manifest
+    from sdtrt.runtime.backends.torch_backend import TorchBackend
+
+    f = _write_vaeless(sd1_file, tmp_path / "no-vae.safetensors")
+    wd = tmp_path / "wd"
+    assert main(["export", str(f), str(wd), "--vae", str(other_vae), "--components", "text_encoder", "-q"]) == 0
+    backend = TorchBackend(wd, read_manifest(wd), torch.device("cpu"))
+    _same_vae(backend.source.vae, other_vae)

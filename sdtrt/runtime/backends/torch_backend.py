@@ -47,7 +47,7 @@ class TorchBackend:
         opts = manifest["source"].get("load_options", {})
         # The export's tokenizer stands in for one that sat beside a single file or came from --tokenizer.
         ckpt = load_checkpoint(source, config_dir=opts.get("config_dir"), allow_pickle=bool(opts.get("allow_pickle")),
-                               tokenizer_dir=workdir / "tokenizer")
+                               tokenizer_dir=workdir / "tokenizer", vae=opts.get("vae"), ema=bool(opts.get("ema")))
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.capturable = device.type == "cuda"
