@@ -218,8 +218,9 @@ BAD = [
     ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["a"], "mask": "m"}, 422, "inpainting masks are not supported"),
     ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["a"], "denoising_strength": 0}, 422,
      "denoising_strength: Input should be greater than 0"),
-    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["a"], "sampler_name": "DPM++ 2M"}, 422,
-     "img2img supports the schedulers ddim, euler, euler_a, lcm for now, not 'dpmpp_2m'"),
+    # every scheduler runs img2img now (multistep warm-up restarts mid-schedule); A1111 syntax sdtrt lacks is refused
+    ("/sdapi/v1/txt2img", {"prompt": "a [cat:dog:0.5]"}, 422, "prompt: prompt editing [cat:dog:0.5]"),
+    ("/sdapi/v1/txt2img", {"prompt": "a [cat|dog]"}, 422, "prompt: alternation [cat|dog]"),
 ]
 
 
