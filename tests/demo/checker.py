@@ -76,6 +76,8 @@ def read_image(image) -> Reading:
     colour = _nearest(np.median(px[far], axis=0), exclude=background)
     near_shape = np.linalg.norm(px - _RGB[_NAMES.index(colour)], axis=2) < np.linalg.norm(px - bg_rgb, axis=2)
     mask = _largest_component(near_shape)
+    if not mask.any():
+        return Reading(background, colour, None, 0.0, 0.0)
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)
