@@ -108,6 +108,7 @@ def resolve_flavour(spec: BuildSpec) -> tuple[BuildSpec, Flavour, Environment]:
     flavour = compat.flavour(spec.tensorrt)
     flavour.check_targets(spec.targets)
     env = current_environment(flavour)
+    flavour.check_refit(spec.refit, env)
     return replace(spec, tensorrt=flavour.name, targets=flavour.resolve_targets(spec.targets, env)), flavour, env
 
 

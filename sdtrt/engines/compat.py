@@ -158,6 +158,9 @@ class Flavour:
         """The compute capabilities a build is for (``--target``); empty means "the GPU it runs on"."""
         return targets
 
+    def check_refit(self, refit: bool, env: Environment) -> None:
+        """``UsageError`` when refittable engines cannot be built on ``env``."""
+
     def configure_build(self, config: Any, targets: tuple[str, ...]) -> list[str]:
         """Flavour-specific builder settings; returns the flags set, for the sidecar."""
         return []
@@ -256,6 +259,11 @@ class TensorRTRTX(Flavour):
                              f"Ada; any of {', '.join(RTX_TARGETS)})")
         self.check_device(env)
         return (sm_name(env.compute_capability),)
+
+    def check_refit(self, refit: bool, env: Environment) -> None:
+        if refit and env.gpu_name is None:  # its refit path compiles the graph with CUDA at build time
+            raise UsageError("TensorRT-RTX builds refittable engines (--refit, for LoRA) only on a machine with an "
+                             "NVIDIA GPU; build without --refit here, or with --refit on the GPU")
 
     def configure_build(self, config: Any, targets: tuple[str, ...]) -> list[str]:
         rtx = self.module()
