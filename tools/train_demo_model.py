@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdtrt.checkpoint.tokenizer import _bytes_to_unicode  # CLIP's byte-level alphabet, as sdtrt writes it
 from sdtrt.demo.grammar import HELD_OUT, SIZE, WORDS, caption, combos, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,18 +54,6 @@ def render_batch(cs: list[tuple[str, str, str]], rng: np.random.Generator) -> to
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def write_tokenizer(out: Path) -> int:
     """A CLIP-layout tokenizer whose merges build each grammar word left to right; returns its vocabulary size."""
     base = list(_bytes_to_unicode().values())

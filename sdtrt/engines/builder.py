@@ -28,11 +28,11 @@ from sdtrt.engines.profiles import BuildSpec, component_profile
 from sdtrt.engines.sidecar import (
     current_environment,
     engine_path,
-    engines_dir,
     make_sidecar,
     read_sidecar,
     recorded_spec,
     stale_reason,
+    timing_cache_path,
     write_engine,
 )
 from sdtrt.errors import EngineError, UsageError
@@ -147,7 +147,7 @@ def build_engine(workdir: Path, manifest: Mapping, component: str, spec: BuildSp
     verify_onnx(workdir, component, entry)
     profile = component_profile(component, entry, spec.profile, int(manifest["model"]["vae_scale_factor"]))
     shapes = profile.input_shapes(entry)
-    cache = flavour.build_cache(engines_dir(workdir), env)
+    cache = flavour.build_cache(timing_cache_path(workdir), env)
     logger = flavour.logger()
     t0 = time.perf_counter()
     with logger.capture() as messages, logger.watch(ATTENTION_MATCH) as matched:

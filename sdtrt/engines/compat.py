@@ -165,7 +165,8 @@ class Flavour:
         """Flavour-specific builder settings; returns the flags set, for the sidecar."""
         return []
 
-    def build_cache(self, engines_dir: Path, env: Environment) -> BuildCache:
+    def build_cache(self, path: Path, env: Environment) -> BuildCache:
+        """The cache a build reuses, kept at ``path`` (the workdir's ``engines/timing.cache``)."""
         return BuildCache()
 
     # -- plans on this machine ---------------------------------------------------------------------------------
@@ -224,8 +225,8 @@ class TensorRT(Flavour):
         if targets:
             raise UsageError("--target is for TensorRT-RTX (--tensorrt rtx): TensorRT builds for the GPU it runs on")
 
-    def build_cache(self, engines_dir: Path, env: Environment) -> BuildCache:
-        return TimingCache(engines_dir / "timing.cache", env)
+    def build_cache(self, path: Path, env: Environment) -> BuildCache:
+        return TimingCache(path, env)
 
     def mismatch(self, record: Mapping[str, Any], env: Environment) -> str | None:
         reason = super().mismatch(record, env)
