@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +13,25 @@ class Checkpoint:
 
     ``format`` is ``diffusers`` (a folder) or ``single-file`` (original CompVis/A1111 key layout).
     ``arch`` names the known architecture it matched (``sd15``, ``tiny-sd1``, ...) or is ``None`` for a custom one.
-    ``family`` is ``sd1`` or ``sd2``.
+    ``family`` is ``sd1``, ``sd2``, ``sdxl`` (two text encoders) or ``sdxl-refiner`` (``text_encoder_2`` only:
+    ``text_encoder`` and ``tokenizer`` are None). ``pipeline_config`` holds ``model_index.json``'s settings that
+    are not components (``force_zeros_for_empty_prompt``, ``requires_aesthetics_score``).
     """
 
     source: Path
     format: str
     arch: str | None
     family: str
-    text_encoder: Any  # transformers.CLIPTextModel
-    tokenizer: Any  # transformers.CLIPTokenizer
+    text_encoder: Any  # transformers.CLIPTextModel; None for sdxl-refiner
+    tokenizer: Any  # transformers.CLIPTokenizer; None for sdxl-refiner
     unet: Any  # diffusers.UNet2DConditionModel
     vae: Any  # diffusers.AutoencoderKL
     scheduler_config: dict[str, Any]
     notes: tuple[str, ...] = ()  # what loading chose for the user (EMA or not, another VAE), for the summary
     vae_source: Path | None = None  # the --vae file or folder, when the VAE is not the checkpoint's own
+    text_encoder_2: Any = None  # SDXL: transformers.CLIPTextModelWithProjection (OpenCLIP ViT-bigG)
+    tokenizer_2: Any = None  # SDXL: its tokenizer (pads with "!")
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
