@@ -54,3 +54,37 @@ def sd2_workdir_fp32(tiny_sd2_dir: Path, tmp_path_factory: pytest.TempPathFactor
 def sd2_workdir_fp16(tiny_sd2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-sd2 (v-prediction) exported in fp16, made once per session; read-only for tests."""
     return _export(tiny_sd2_dir, tmp_path_factory.mktemp("wd") / "sd2-fp16", "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny-sdxl diffusers folder (seed 0: two text encoders, text_time conditioning)."""
+    from sdtrt.checkpoint.random_init import init_random
+
+    return init_random(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl", "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny-sdxl-refiner diffusers folder (seed 0: text_encoder_2 only, aesthetic score)."""
+    from sdtrt.checkpoint.random_init import init_random
+
+    return init_random(tmp_path_factory.mktemp("ckpt") / "tiny-sdxl-refiner", "tiny-sdxl-refiner", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_workdir_fp32(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-sdxl exported in fp32 (every component), made once per session; read-only for tests."""
+    return _export(tiny_sdxl_dir, tmp_path_factory.mktemp("wd") / "sdxl-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def sdxl_workdir_fp16(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-sdxl exported in fp16 (the VAE in fp32, SDXL's default), made once per session; read-only for tests."""
+    return _export(tiny_sdxl_dir, tmp_path_factory.mktemp("wd") / "sdxl-fp16", "fp16")
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_workdir_fp32(tiny_sdxl_refiner_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-sdxl-refiner exported in fp32, made once per session; read-only for tests."""
+    return _export(tiny_sdxl_refiner_dir, tmp_path_factory.mktemp("wd") / "sdxl-refiner-fp32", "fp32")
