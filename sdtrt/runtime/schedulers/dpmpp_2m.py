@@ -12,7 +12,8 @@ Models", https://arxiv.org/abs/2211.01095, Algorithm 2. VP ``alpha_t = sqrt(alph
 The first step, and the last one when ``lower_order_final`` applies (always for a final sigma of 0, where the
 update is exactly ``x_t = m``), are first order (``D1 = 0``): rows of the tables. ``exp(-h)`` is computed as the VE
 sigma ratio ``sigma_t / sigma_s0`` so the final ``h = inf`` step needs no special case.
-History (1, *x.shape): the previous ``m``. Karras sigmas (``use_karras_sigmas``) give "DPM++ 2M Karras".
+History (1, *x.shape): the previous ``m``. Karras sigmas (``use_karras_sigmas``) give "DPM++ 2M Karras",
+``use_exponential_sigmas`` A1111's "Exponential" schedule type.
 Parity reference: diffusers ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``, order 1 or 2).
 """
 
@@ -92,6 +93,12 @@ def multistep_grid(
         # diffusers stores timesteps as int64: the unrounded (cosine) ones reach the UNet truncated
         timesteps = np.trunc(timesteps)
         sigma_min_final = sigmas[-1] if unipc else sigmas_train[0]
+    elif cfg.get("use_exponential_sigmas"):
+        # evenly spaced in log(sigma) (k-diffusion's get_sigmas_exponential); timesteps unrounded, then truncated
+        sigma_min, sigma_max = schedule.config_sigma_bounds(cfg, sigmas_train[::-1])
+        sigmas = np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), steps))
+        timesteps = np.trunc(schedule.sigma_to_t(sigmas, np.log(sigmas_train)))
+        sigma_min_final = sigmas_train[0]
     else:
         sigmas = schedule.interp_sigmas(timesteps, sigmas_train)
         sigma_min_final = sigmas_train[0]
@@ -115,7 +122,6 @@ def make_tables(config: Mapping[str, Any], steps: int, start: int = 0) -> DPMTab
         NAME,
         algorithm_type="dpmsolver++",
         thresholding=False,
-        use_exponential_sigmas=False,
         use_beta_sigmas=False,
         use_lu_lambdas=False,
         use_flow_sigmas=False,

@@ -29,7 +29,8 @@ import diffusers
 import pytest
 import torch
 
-from sdtrt.runtime.schedulers import SCHEDULERS, get_scheduler, new_history
+from sdtrt.runtime.schedulers import DIFFUSERS_CLASSES, SCHEDULERS, get_scheduler, new_history
+from sdtrt.runtime.schedulers.a1111 import eta_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "sdtrt" / "checkpoint" / "configs"
 SD15 = json.loads((CONFIG_DIR / "sd15" / "scheduler" / "scheduler_config.json").read_text())
@@ -39,17 +40,10 @@ SD2 = json.loads((CONFIG_DIR / "sd21" / "scheduler" / "scheduler_config.json").r
 SD2.pop("timestep_spacing")
 CONFIGS = {"sd15": SD15, "sd2": SD2}
 
-DIFFUSERS = {
-    "ddim": diffusers.DDIMScheduler,
-    "pndm": diffusers.PNDMScheduler,
-    "euler": diffusers.EulerDiscreteScheduler,
-    "euler_a": diffusers.EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-    "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler,
-    "lms": diffusers.LMSDiscreteScheduler,
-    "unipc": diffusers.UniPCMultistepScheduler,
-    "lcm": diffusers.LCMScheduler,
-}
+DIFFUSERS = {name: getattr(diffusers, cls) for name, cls in DIFFUSERS_CLASSES.items()}
+# DDIM with eta: diffusers takes eta per step() call, sdtrt in the scheduler name (the step noise drawn before the loop)
+ETA_NAMES = ("ddim:eta=0.5", "ddim:eta=1.0")
+NAMES = (*SCHEDULERS, *ETA_NAMES)
 STEPS = (1, 2, 5, 20, 50)
 SHAPE = (2, 4, 8, 8)  # (B, C, H/8, W/8)
 TOL = 1e-5
@@ -60,7 +54,9 @@ TOL = 1e-5
 # coefficients. Against the float64 run of diffusers' own algorithm we are within 2e-6 on these cases (the real
 # check, at TOL). Their float32 comparison is held to ILL_TOL instead of a strict xfail: how far past 1e-5
 # diffusers' own rounding lands depends on the CPU's float32 kernels, so an "expected failure" could flip.
-ILL_CONDITIONED = {(name, "sd2", "v_prediction", 2) for name in ("euler", "euler_a", "lms")}
+ILL_CONDITIONED = {
+    (name, "sd2", "v_prediction", 2) for name in ("euler", "euler_a", "lms", "euler_karras", "lms_karras", "heun", "heun_karras")
+}
 ILL_TOL = 2.5e-4  # ~5x the worst observed (5.1e-5, euler-zero_snr-3); a wrong timestep or order is > 1e-3
 
 
@@ -77,9 +73,18 @@ def fake_unet(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
 def _diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) -> Any:
     if name == "lms":
         pytest.importorskip("scipy", reason="diffusers' LMSDiscreteScheduler integrates its coefficients with scipy")
-    sched = DIFFUSERS[name].from_config({**config, **get_scheduler(name).overrides})
+    overrides = {k: v for k, v in get_scheduler(name).overrides.items() if k != "eta"}
+    sched = DIFFUSERS[name.split(":")[0]].from_config({**config, **overrides})
     sched.set_timesteps(steps)
     return sched
+
+
+def step_kwargs(name: str, gen: torch.Generator) -> dict[str, Any]:
+    """What StableDiffusionPipeline passes to ``step``: the generator (stochastic schedulers) and DDIM's eta."""
+    kwargs: dict[str, Any] = {"generator": gen} if get_scheduler(name).needs_noise else {}
+    if name.startswith("ddim:"):
+        kwargs["eta"] = eta_of(name)
+    return kwargs
 
 
 def run_diffusers(name: str, config: Mapping[str, Any], steps: int, *, float64: bool = False) -> torch.Tensor:
@@ -91,7 +96,7 @@ def run_diffusers(name: str, config: Mapping[str, Any], steps: int, *, float64: 
             if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "timesteps":
                 setattr(sched, key, value.double())
     gen = torch.Generator().manual_seed(0)
-    kwargs = {"generator": gen} if get_scheduler(name).needs_noise else {}
+    kwargs = step_kwargs(name, gen)
     x = (torch.randn(SHAPE, generator=gen) * sched.init_noise_sigma).to(dtype)
     for t in sched.timesteps:
         x_in = sched.scale_model_input(x, t)
@@ -129,13 +134,14 @@ def float32_noise_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     def randn_float32(shape, generator=None, device=None, dtype=None, layout=None):
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
-    for module in ("scheduling_euler_ancestral_discrete", "scheduling_lcm"):
+    for module in ("scheduling_euler_ancestral_discrete", "scheduling_lcm", "scheduling_ddim",
+                   "scheduling_dpmsolver_multistep"):
         monkeypatch.setattr(importlib.import_module(f"diffusers.schedulers.{module}"), "randn_tensor", randn_float32)
 
 
 def _cases() -> list:
     cases = []
-    for name in SCHEDULERS:
+    for name in NAMES:
         for config_name in CONFIGS:
             for prediction in ("epsilon", "v_prediction"):
                 for steps in STEPS:
@@ -200,6 +206,13 @@ VARIANTS = {
     "unipc-karras-sigma_min": ("unipc", {**_SD2_V, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
     "unipc-disable_corrector": ("unipc", {**_SD15_EPS, "disable_corrector": [0, 2]}),
     "unipc-order1-zero_snr": ("unipc", {**_ZERO_SNR, "solver_order": 1}),
+    "heun-trailing": ("heun", {**_SD2_V, "timestep_spacing": "trailing"}),
+    "heun-karras-linear": ("heun_karras", {**_SD15_EPS, "beta_schedule": "linear"}),
+    "dpmpp_2m_sde-heun": ("dpmpp_2m_sde", {**_SD15_EPS, "solver_type": "heun"}),
+    "dpmpp_2m_sde-sigma_min": ("dpmpp_2m_sde", {**_SD2_V, "final_sigmas_type": "sigma_min"}),
+    "dpmpp_2m_sde_karras-sigma_min": ("dpmpp_2m_sde_karras", {**_SD15_EPS, "final_sigmas_type": "sigma_min"}),
+    "dpmpp_2m_exponential-v": ("dpmpp_2m_exponential", {**_SD2_V, "timestep_spacing": "trailing"}),
+    "ddim:eta=0.3-clip": ("ddim:eta=0.3", {**_SD15_EPS, "clip_sample": True, "clip_sample_range": 1.5}),
     "lcm-clip": ("lcm", {**_SD15_EPS, "clip_sample": True}),
     "lcm-orig25-alpha1": ("lcm", {**_SD2_V, "original_inference_steps": 25, "set_alpha_to_one": True}),
     "lcm-trained_betas": (
@@ -247,7 +260,7 @@ TIMESTEP_ATOL = 2e-4
 
 
 def _timestep_cases() -> list:
-    cases = [pytest.param(name, CONFIGS[c], id=f"{name}-{c}") for name in SCHEDULERS for c in CONFIGS]
+    cases = [pytest.param(name, CONFIGS[c], id=f"{name}-{c}") for name in NAMES for c in CONFIGS]
     cases += [pytest.param(name, config, id=key) for key, (name, config) in VARIANTS.items()]
     return cases
 

@@ -35,21 +35,33 @@ def test_registry_names() -> None:
         "lms",
         "unipc",
         "lcm",
+        "euler_karras",
+        "lms_karras",
+        "heun",
+        "heun_karras",
+        "dpmpp_2m_exponential",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_karras",
+        "dpmpp_2m_sde_exponential",
     ]
-    assert {name for name, s in SCHEDULERS.items() if s.needs_noise} == {"euler_a", "lcm"}
+    noisy = {"euler_a", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential"}
+    assert {name for name, s in SCHEDULERS.items() if s.needs_noise} == noisy
+    assert get_scheduler("ddim:eta=0.5").needs_noise and not get_scheduler("ddim").needs_noise
 
 
 def test_unknown_scheduler_lists_valid_names() -> None:
-    with pytest.raises(UsageError, match=r"unknown scheduler 'heun'; choose one of: ddim, pndm, euler, .*, lcm$"):
-        get_scheduler("heun")
+    with pytest.raises(UsageError, match=r"unknown scheduler 'dpm2'; choose one of: ddim, pndm, euler, .*, lcm, "):
+        get_scheduler("dpm2")
+    with pytest.raises(UsageError, match=r"scheduler 'ddim:eta=x': eta 'x' is not a number"):
+        get_scheduler("ddim:eta=x")
 
 
 def test_a1111_names() -> None:
     assert get_scheduler_a1111("DPM++ 2M Karras") is SCHEDULERS["dpmpp_2m_karras"]
     assert get_scheduler_a1111("Euler a") is SCHEDULERS["euler_a"]
     assert get_scheduler_a1111("PLMS") is SCHEDULERS["pndm"]
-    assert set(A1111_SAMPLERS.values()) == set(SCHEDULERS)
-    with pytest.raises(UsageError, match=r"unknown sampler 'DPM2'; choose one of: 'DDIM', 'PLMS', .*'LCM'$"):
+    assert set(A1111_SAMPLERS.values()) <= set(SCHEDULERS)
+    with pytest.raises(UsageError, match=r"unknown sampler 'DPM2'; choose one of: 'DDIM', 'PLMS', .*'DPM\+\+ 2M SDE Karras'$"):
         get_scheduler_a1111("DPM2")
 
 
@@ -68,6 +80,7 @@ def test_karras_is_the_only_difference_between_the_dpmpp_names() -> None:
 def test_table_shapes(name: str, steps: int) -> None:
     tables = get_scheduler(name).make_tables(SD15, steps)
     evals = steps + 1 if name == "pndm" and steps > 1 else steps  # PLMS re-evaluates its second step
+    evals = 2 * steps - 1 if name.startswith("heun") else evals  # Heun: two evaluations a step but the last
     assert tables.steps == steps and tables.num_evals == evals
     assert tables.timesteps.shape == (evals,) and tables.timesteps.dtype == torch.float32
     assert tables.c_in.shape == (evals,)
@@ -130,6 +143,8 @@ def test_lms_coefficients_are_exact_integrals() -> None:
         ("unipc", {**SD15, "solver_order": 4}, 10, r"unipc: solver_order=4 is not supported \(1, 2 or 3\)"),
         ("unipc", {**SD15, "solver_type": "bh3"}, 10, r"unipc: solver_type 'bh3' is not supported"),
         ("unipc", {**SD15, "solver_p": "ddim"}, 10, r"unipc: solver_p='ddim' is not supported"),
+        ("heun", {**SD15, "clip_sample": True}, 10, r"heun: clip_sample=True is not supported"),
+        ("dpmpp_2m_sde", {**SD15, "solver_type": "x"}, 10, r"dpmpp_2m_sde: solver_type 'x' is not supported"),
         ("lcm", SD15, 51, r"lcm: steps=51 exceeds original_inference_steps=50 of the distillation"),
         ("lcm", {**SD15, "original_inference_steps": 0}, 1, r"lcm: original_inference_steps=0 is out of range"),
     ],
@@ -137,6 +152,16 @@ def test_lms_coefficients_are_exact_integrals() -> None:
 def test_usage_errors(name: str, config: dict, steps: int, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         get_scheduler(name).make_tables(config, steps)
+
+
+def test_ddim_eta_comes_from_the_name_only() -> None:
+    from sdtrt.runtime.schedulers import ddim
+
+    with pytest.raises(UsageError, match=r"ddim: eta must be a number between 0 and 1, got 2"):
+        ddim.make_tables({**SD15, "eta": 2}, 10)
+    # a config key "eta" (no diffusers config has one) does not make plain "ddim" stochastic
+    assert not get_scheduler("ddim").make_tables({**SD15, "eta": 0.5}, 10).needs_noise
+    assert get_scheduler("ddim:eta=0.5").make_tables(SD15, 10).needs_noise
 
 
 def test_pndm_runge_kutta_warmup_is_not_supported() -> None:
