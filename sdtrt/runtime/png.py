@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sdtrt.errors import UsageError
 from sdtrt.fsutil import atomic_path
@@ -39,3 +41,20 @@ def output_paths(out: str | Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def save_result(result: Any, out: str | Path) -> list[Path]:
+    """Every image of a pipeline ``Result`` as a PNG carrying its own infotext as the ``parameters`` chunk (the
+    text A1111's "PNG Info" reads): ``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for several; each
+    file written atomically. Returns the paths written."""
+    return save_images(result.images, result.infotexts, out)
+
+
+def save_images(images: Sequence[Any], infotexts: Sequence[str], out: str | Path) -> list[Path]:
+    """``save_result`` for parallel lists of PIL images and their infotexts."""
+    if len(images) != len(infotexts):
+        raise UsageError(f"{len(images)} images but {len(infotexts)} infotexts")
+    paths = output_paths(out, len(images))
+    for image, text, path in zip(images, infotexts, paths, strict=True):
+        save_png(image, path, text)
+    return paths

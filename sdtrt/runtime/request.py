@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sdtrt.errors import UsageError
-from sdtrt.runtime import prompts
+from sdtrt.runtime import prompts, schedulers
 
 MAX_SIDE = 2048
 MAX_BATCH = 64
 MAX_STEPS = 1000
+RANDOM_SEED = -1  # draw a random seed (A1111's -1); the validated request carries the seed drawn
+SEED_RANGE = 2**32  # random seeds are drawn below this, as A1111 draws them
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
     """txt2img (``init_image`` None) or img2img. ``height``/``width`` None: the checkpoint's native size.
-    ``scheduler`` None: the checkpoint's own. ``clip_skip`` counts as A1111 does: 1 = last layer, 2 = penultimate."""
+    ``scheduler`` None: the checkpoint's own; an sdtrt name or an A1111 sampler name ("DPM++ 2M", "Euler a"), with
+    A1111's ``schedule_type`` (None: Automatic, which for an A1111 name means what A1111 1.9+ means: "DPM++ 2M" runs
+    Karras). ``eta``: DDIM's (0 or None: deterministic). ``seed`` -1: a random one, drawn by ``validated``.
+    ``clip_skip`` counts as A1111 does: 1 = last layer, 2 = penultimate."""
 
     prompt: str
     negative_prompt: str = ""
@@ -32,6 +38,8 @@ class GenerateRequest:
     init_image: Any = None  # PIL.Image or (H, W, 3) uint8 array
     strength: float = 0.75
     loras: tuple[tuple[str, float], ...] = ()  # (path, scale) per LoRA; checked by the pipeline (sdtrt.lora)
+    schedule_type: str | None = None  # A1111's: Automatic, Uniform, Karras, Exponential (sdtrt.runtime.schedulers)
+    eta: float | None = None  # DDIM's eta; folded into the validated scheduler name ("ddim:eta=0.5")
 
     def validated(self, *, default_size: int, default_scheduler: str, scheduler_names: tuple[str, ...]) -> GenerateRequest:
         """Fill defaults and check every field; raise ``UsageError`` naming the first bad one."""
@@ -52,8 +60,11 @@ class GenerateRequest:
             raise UsageError(f"batch must be an integer between 1 and {MAX_BATCH}, got {self.batch!r}")
         if not isinstance(self.guidance, (int, float)) or isinstance(self.guidance, bool) or not 0 <= self.guidance <= 100:
             raise UsageError(f"guidance must be a number between 0 and 100, got {self.guidance!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise UsageError(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not RANDOM_SEED <= seed < 2**63:
+            raise UsageError(f"seed must be -1 (random) or a non-negative integer below 2**63, got {seed!r}")
+        if seed == RANDOM_SEED:
+            seed = secrets.randbelow(SEED_RANGE)
         if self.clip_skip not in (1, 2):
             raise UsageError(f"clip-skip must be 1 (last layer) or 2 (penultimate layer), got {self.clip_skip!r}")
         if self.prompt_syntax not in prompts.SYNTAXES:
@@ -62,13 +73,22 @@ class GenerateRequest:
             for text in (self.prompt, self.negative_prompt):
                 prompts.check_supported(text)
                 prompts.parse_attention(text)  # a weight that is no number, refused here rather than mid-batch
-        sched = default_scheduler if self.scheduler is None else self.scheduler
-        if sched not in scheduler_names:
-            raise UsageError(f"unknown scheduler {sched!r}; choose one of {', '.join(scheduler_names)}")
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise UsageError(f"scheduler must be a name, got {self.scheduler!r}")
+        try:
+            sched = schedulers.resolve(self.scheduler, self.schedule_type, default=default_scheduler, eta=self.eta)
+        except UsageError as e:
+            if not str(e).startswith("unknown sampler"):
+                raise
+            sched = self.scheduler  # neither ours nor A1111's: refused below, listing ours
+        if sched.split(":")[0] not in scheduler_names:
+            raise UsageError(f"unknown scheduler {sched!r}; choose one of {', '.join(scheduler_names)} "
+                             "or an A1111 sampler name (the README lists them)")
         if self.init_image is not None:
             if not isinstance(self.strength, (int, float)) or not 0 < self.strength <= 1:
                 raise UsageError(f"strength must be in (0, 1], got {self.strength!r}")
-        return replace(self, height=h, width=w, scheduler=sched, guidance=float(self.guidance))
+        return replace(self, height=h, width=w, scheduler=sched, guidance=float(self.guidance), seed=seed,
+                       schedule_type=None, eta=None)
 
 
 def _image_size(image: Any) -> tuple[int, int]:

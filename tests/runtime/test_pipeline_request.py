@@ -8,7 +8,7 @@ import pytest
 from sdtrt.errors import UsageError
 from sdtrt.runtime.request import MAX_BATCH, MAX_SIDE, MAX_STEPS, BatchKey, GenerateRequest, batch_key
 
-NAMES = ("ddim", "euler")
+NAMES = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
 
 def v(**kw) -> GenerateRequest:
@@ -69,13 +69,21 @@ def test_limits_are_inclusive(kw):
     ({"guidance": 100.5}, "guidance must be a number between 0 and 100"),
     ({"guidance": True}, "guidance must be a number"),
     ({"guidance": "7"}, "guidance must be a number"),
-    ({"seed": -1}, "seed must be a non-negative integer below 2\\*\\*63, got -1"),
-    ({"seed": 2**63}, "seed must be a non-negative integer below 2\\*\\*63"),
-    ({"seed": True}, "seed must be a non-negative integer"),
-    ({"seed": 1.0}, "seed must be a non-negative integer"),
+    ({"seed": -2}, "seed must be -1 \\(random\\) or a non-negative integer below 2\\*\\*63, got -2"),
+    ({"seed": 2**63}, "seed must be -1 \\(random\\) or a non-negative integer below 2\\*\\*63"),
+    ({"seed": True}, "seed must be -1"),
+    ({"seed": 1.0}, "seed must be -1"),
     ({"clip_skip": 0}, "clip-skip must be 1 \\(last layer\\) or 2 \\(penultimate layer\\), got 0"),
     ({"clip_skip": 3}, "clip-skip must be 1"),
-    ({"scheduler": "lms"}, "unknown scheduler 'lms'; choose one of ddim, euler"),
+    ({"scheduler": "lms"}, "unknown scheduler 'lms'; choose one of ddim, euler, dpmpp_2m, dpmpp_2m_karras or an "
+                           "A1111 sampler name"),
+    ({"scheduler": "nope"}, "unknown scheduler 'nope'; choose one of ddim"),
+    ({"scheduler": 3}, "scheduler must be a name, got 3"),
+    ({"scheduler": "Euler", "schedule_type": "Exponential"}, "schedule type 'Exponential' is not available with "
+                                                             "'Euler' here"),
+    ({"scheduler": "Euler", "schedule_type": "Beta"}, "unknown schedule type 'Beta'"),
+    ({"scheduler": "euler", "eta": 0.5}, "eta applies to DDIM only"),
+    ({"scheduler": "ddim", "eta": 2}, "eta must be a number between 0 and 1, got 2"),
     ({"init_image": np.zeros((8, 8, 3), np.uint8), "strength": 0}, "strength must be in \\(0, 1\\], got 0"),
     ({"init_image": np.zeros((8, 8, 3), np.uint8), "strength": 1.01}, "strength must be in \\(0, 1\\]"),
     ({"init_image": np.zeros((8, 8, 3), np.uint8), "strength": "0.5"}, "strength must be in"),
@@ -100,3 +108,31 @@ def test_batch_key_is_every_shared_setting():
         assert batch_key(v(**kw)) != key, kw
     assert batch_key(v(init_image=image, strength=0.5)) != batch_key(v(init_image=image, strength=0.75))
     assert batch_key(v(init_image=image, strength=0.5)) == batch_key(v(init_image=image + 1, strength=0.5))
+
+
+def test_seed_minus_one_draws_a_seed_the_validated_request_carries():
+    seeds = {v(seed=-1).seed for _ in range(8)}
+    assert all(0 <= s < 2**32 for s in seeds) and len(seeds) > 1  # A1111 draws below 2**32
+    r = v(seed=-1)
+    assert r.validated(default_size=64, default_scheduler="ddim", scheduler_names=NAMES).seed == r.seed  # idempotent
+
+
+@pytest.mark.parametrize(("kw", "scheduler"), [
+    ({"scheduler": "DPM++ 2M"}, "dpmpp_2m_karras"),  # A1111 1.9's Automatic for DPM++ 2M is Karras
+    ({"scheduler": "DPM++ 2M", "schedule_type": "Uniform"}, "dpmpp_2m"),
+    ({"scheduler": "dpmpp_2m"}, "dpmpp_2m"),  # sdtrt's own name keeps its meaning
+    ({"scheduler": "dpmpp_2m", "schedule_type": "Karras"}, "dpmpp_2m_karras"),
+    ({"scheduler": "DDIM", "eta": 0.5}, "ddim:eta=0.5"),
+    ({"eta": 0.25}, "ddim:eta=0.25"),  # the default scheduler, ddim here
+    ({"scheduler": "Euler"}, "euler"),
+])
+def test_a1111_names_resolve_to_sdtrt_schedulers(kw, scheduler):
+    r = v(**kw)
+    assert (r.scheduler, r.schedule_type, r.eta) == (scheduler, None, None)
+    assert batch_key(r).scheduler == scheduler  # so batches and captured loops key by schedule type and eta
+
+
+def test_eta_and_schedule_type_split_batches():
+    assert batch_key(v(scheduler="ddim", eta=0.5)) != batch_key(v(scheduler="ddim"))
+    assert batch_key(v(scheduler="ddim", eta=0.5)) != batch_key(v(scheduler="ddim", eta=0.25))
+    assert batch_key(v(scheduler="DPM++ 2M")) != batch_key(v(scheduler="DPM++ 2M", schedule_type="Uniform"))
