@@ -160,8 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", metavar="TEXT")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 disables CFG)")
-    p.add_argument("--scheduler", default=None, help="default: the checkpoint's own; see the README for the list")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="sdtrt's name (dpmpp_2m_karras) or A1111's sampler (\"DPM++ 2M\"); default: the checkpoint's "
+                        "own; see the README for the table")
+    p.add_argument("--schedule-type", default=None, metavar="TYPE",
+                   help="A1111's schedule type: Automatic (default; for an A1111 sampler what A1111 1.9+ runs, e.g. "
+                        "DPM++ 2M -> Karras), Uniform, Karras, Exponential")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta in [0, 1] (default 0: deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="-1: a random seed, printed and written in the PNG")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
@@ -317,8 +323,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     from sdtrt.lora.deltas import parse_lora_arg
     from sdtrt.runtime.pipeline import Pipeline
-    from sdtrt.runtime.png import output_paths, save_png
-    from sdtrt.runtime.request import GenerateRequest
+    from sdtrt.runtime.png import output_paths, save_result
+    from sdtrt.runtime.request import RANDOM_SEED, GenerateRequest
 
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength is img2img's denoising strength: give --init-image too")
@@ -333,21 +339,23 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             raise UsageError(f"{args.init_image}: cannot read the init image ({e})") from None
     request = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        scheduler=args.scheduler, seed=args.seed, batch=args.batch, height=args.height, width=args.width,
-        clip_skip=args.clip_skip, init_image=init_image, strength=0.75 if args.strength is None else args.strength,
-        loras=tuple(parse_lora_arg(a) for a in args.lora),
+        scheduler=args.scheduler, schedule_type=args.schedule_type, eta=args.eta, seed=args.seed, batch=args.batch,
+        height=args.height, width=args.width, clip_skip=args.clip_skip, init_image=init_image,
+        strength=0.75 if args.strength is None else args.strength, loras=tuple(parse_lora_arg(a) for a in args.lora),
     )
-    paths = output_paths(args.output, args.batch)  # checked before any heavy work
+    output_paths(args.output, args.batch)  # checked before any heavy work
     pipe = Pipeline.load(args.workdir, backend=args.backend)
     result = pipe.generate(request)
-    for image, text, path in zip(result.images, result.infotexts, paths, strict=True):
-        save_png(image, path, text)
+    paths = save_result(result, args.output)
+    if args.seed == RANDOM_SEED:  # the seed drawn, even with -q: the one way to make the image again
+        print(f"seed {result.request.seed}")
     if not args.quiet:
         for path in paths:
             print(f"wrote {path}")
         t = result.timings
         r = result.request
-        print(f"{r.width}x{r.height}, {r.steps} steps of {r.scheduler}, batch {r.batch}, backend {pipe.backend.name} "
+        print(f"{r.width}x{r.height}, {r.steps} steps of {r.scheduler}, seed {r.seed}, batch {r.batch}, "
+              f"backend {pipe.backend.name} "
               f"({pipe.device}{', CUDA graph' if pipe.use_cuda_graph else ''}): "
               + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
 
