@@ -31,7 +31,7 @@ VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a
 # (distribution, path inside it); the first one installed is used.
 VOCAB_SOURCES = (("open-clip-torch", f"open_clip/{VOCAB_FILE}"), ("clip-anytorch", f"clip/{VOCAB_FILE}"),
                  ("clip", f"clip/{VOCAB_FILE}"))
-PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": SD2_PAD_TOKEN}
+PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": SD2_PAD_TOKEN}  # the text_encoder's tokenizer, per family
 
 # CLIP's ids for a few prompts (without bos/eos), from OpenAI's tokenizer; a tokenizer that disagrees is not CLIP's.
 KNOWN_IDS: dict[str, list[int]] = {
@@ -82,12 +82,20 @@ def clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges  # type: ignore[return-value]
 
 
-def clip_tokenizer(family: str):
-    """A transformers ``CLIPTokenizer`` with CLIP's vocabulary, padding as ``family`` (``sd1``, ``sd2``) does."""
+def pad_token(family: str, component: str = "text_encoder") -> str:
+    """What the tokenizer of ``component`` pads with: ``<|endoftext|>`` for CLIP ViT-L (SD 1.x and SDXL's
+    ``text_encoder``), ``!`` (id 0) for OpenCLIP's (SD 2.x, SDXL's ``text_encoder_2``)."""
+    if component == "text_encoder_2":
+        return SD2_PAD_TOKEN
+    return PAD_TOKENS.get(family, EOS_TOKEN)
+
+
+def clip_tokenizer(family: str, component: str = "text_encoder"):
+    """A transformers ``CLIPTokenizer`` with CLIP's vocabulary, padding as ``family``'s ``component`` does."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab()
-    pad = PAD_TOKENS[family]
+    pad = pad_token(family, component)
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token=EOS_TOKEN,
                         bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=pad, model_max_length=MODEL_MAX_LENGTH)
     return tok
@@ -114,7 +122,8 @@ def check_clip_tokenizer(tok: Any, where: Path | str) -> None:
         )
 
 
-def resolve_tokenizer(source: Path, found: Path, explicit: Path | None, te_config: dict[str, Any], family: str):
+def resolve_tokenizer(source: Path, found: Path, explicit: Path | None, te_config: dict[str, Any], family: str,
+                      component: str = "text_encoder"):
     """The tokenizer for a checkpoint at ``source``: ``explicit`` (``--tokenizer``, taken as given); else the
     folder ``found`` beside or inside it, refused if it is CLIP-sized but not CLIP's; else, for a text encoder
     with CLIP's 49,408 tokens, CLIP's own; else a ``CheckpointError``."""
@@ -127,10 +136,35 @@ def resolve_tokenizer(source: Path, found: Path, explicit: Path | None, te_confi
         check_clip_tokenizer(tok, found)
         return tok
     if te_config.get("vocab_size") == CLIP_VOCAB_SIZE:
-        return clip_tokenizer(family)
+        return clip_tokenizer(family, component)
     where = "in" if found.parent == source else "beside"
     raise CheckpointError(
         f"{source}: no tokenizer found {where} the checkpoint (looked for {found}) and its text encoder's "
         f"{te_config.get('vocab_size')} "
         "tokens are not CLIP's vocabulary; pass --tokenizer DIR with a CLIP tokenizer folder"
     )
+
+
+TOKENIZER_DIRS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def resolve_tokenizers(source: Path, search: Path, explicit: Path | None, configs: dict[str, Any], family: str):
+    """``{text encoder: tokenizer}`` for each text encoder in ``configs``, by ``resolve_tokenizer``: found as
+    ``search/tokenizer`` and ``search/tokenizer_2``. ``explicit`` (``--tokenizer DIR``) is the tokenizer folder
+    itself for SD 1.x/2.x; for SDXL families, a folder holding ``tokenizer/`` and/or ``tokenizer_2/`` (a
+    diffusers SDXL folder), and a tokenizer it lacks is looked for as without it."""
+    encoders = [c for c in TOKENIZER_DIRS if c in configs]
+    xl = family.startswith("sdxl")
+    if explicit is not None and xl:
+        explicit = Path(explicit)
+        if not any((explicit / TOKENIZER_DIRS[c]).is_dir() for c in encoders):
+            wanted = " and ".join(f"{TOKENIZER_DIRS[c]}/" for c in encoders)
+            raise CheckpointError(f"{explicit}: an SDXL model needs a --tokenizer folder holding {wanted}")
+    out = {}
+    for comp in encoders:
+        sub = TOKENIZER_DIRS[comp]
+        given = explicit if explicit is not None and not xl else None
+        if explicit is not None and xl and (explicit / sub).is_dir():
+            given = explicit / sub
+        out[comp] = resolve_tokenizer(source, search / sub, given, configs[comp], family, comp)
+    return out

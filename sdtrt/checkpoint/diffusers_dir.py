@@ -1,4 +1,4 @@
-"""Load a diffusers-format Stable Diffusion 1.x / 2.x folder, offline, into a ``Checkpoint``.
+"""Load a diffusers-format Stable Diffusion 1.x / 2.x / XL (base or refiner) folder, offline, into a ``Checkpoint``.
 
 Every way a folder can be wrong (missing parts, corrupt weights, unsupported variants) is reported as a one-line
 ``CheckpointError`` naming the file or folder, before or instead of a traceback from diffusers/transformers.
@@ -14,17 +14,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdtrt.checkpoint.archs import KNOWN_ARCHS, arch_spec, family_of, read_component_configs
-from sdtrt.checkpoint.clip_vocab import resolve_tokenizer
-from sdtrt.checkpoint.detect import detect_configs
+from sdtrt.checkpoint.archs import (
+    FAMILY_COMPONENTS,
+    KNOWN_ARCHS,
+    TEXT_ENCODERS,
+    arch_spec,
+    family_of,
+    read_component_configs,
+    time_id_count,
+)
+from sdtrt.checkpoint.clip_vocab import resolve_tokenizers
+from sdtrt.checkpoint.detect import detect_component_folder, detect_configs
 from sdtrt.checkpoint.model import Checkpoint
 from sdtrt.checkpoint.random_init import ARCH_FILE
 from sdtrt.errors import CheckpointError, one_line
 
 logger = logging.getLogger(__name__)
 
-COMPONENT_DIRS = ("text_encoder", "unet", "vae", "scheduler")
-_WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+COMPONENT_DIRS = ("text_encoder", "unet", "vae", "scheduler")  # SD 1.x/2.x; SDXL: FAMILY_COMPONENTS + scheduler
+_WEIGHT_STEMS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
+                 "vae": "diffusion_pytorch_model"}
+# model_index.json settings (not components) the runtime needs, with the defaults of diffusers' SDXL pipelines.
+PIPELINE_SETTINGS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
 
 # Config keys that fix the weights' shapes and the graph; the rest (sample_size, upcast_attention, scaling
 # factors, ...) may differ between checkpoints of one architecture.
@@ -50,6 +61,9 @@ _ARCH_KEYS: dict[str, tuple[str, ...]] = {
         "num_attention_heads",
         "cross_attention_dim",
         "transformer_layers_per_block",
+        "addition_embed_type",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
         "use_linear_projection",
         "only_cross_attention",
         "norm_num_groups",
@@ -70,40 +84,45 @@ _ARCH_KEYS: dict[str, tuple[str, ...]] = {
 def load_diffusers_dir(
     path: Path, tokenizer_dir: Path | None = None, *, allow_pickle: bool = False, vae: Path | None = None
 ) -> Checkpoint:
-    """Load a diffusers folder (``model_index.json``, ``text_encoder/``, ``tokenizer/``, ``unet/``, ``vae/``,
-    ``scheduler/``) as fp32 eval-mode modules, from local files only.
+    """Load a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``scheduler/``, and the family's text
+    encoders and tokenizers: ``text_encoder/`` + ``tokenizer/`` for SD 1.x/2.x, both of those and
+    ``text_encoder_2/`` + ``tokenizer_2/`` for SDXL base, the latter two alone for the SDXL refiner) as fp32
+    eval-mode modules, from local files only.
 
-    ``tokenizer_dir`` replaces (or stands in for a missing) ``tokenizer/``; without either, a CLIP-sized text
-    encoder gets CLIP's own tokenizer. ``vae`` (a VAE file or folder) replaces ``vae/``. Pickle weights (``.bin``)
-    are refused unless ``allow_pickle``. ``arch`` is the known architecture the configs match, or ``None``.
+    ``tokenizer_dir`` replaces (or stands in for a missing) ``tokenizer/`` (SDXL: a folder holding ``tokenizer/``
+    and/or ``tokenizer_2/``); without either, a CLIP-sized text encoder gets CLIP's own tokenizer. ``vae`` (a VAE
+    file or folder) replaces ``vae/``. Pickle weights (``.bin``) are refused unless ``allow_pickle``. ``arch`` is
+    the known architecture the configs match, or ``None``; ``pipeline_config`` holds SDXL's
+    ``force_zeros_for_empty_prompt`` and ``requires_aesthetics_score`` (diffusers' defaults where absent).
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     _check_folder(path)
     index = _read_json(path / "model_index.json")
-    _check_pipeline(path, index)
-    for comp in COMPONENT_DIRS:
+    det = _check_pipeline(path, index)
+    needed = (*FAMILY_COMPONENTS.get(det.family or "sd1", FAMILY_COMPONENTS["sd1"]), "scheduler")
+    for comp in needed:
         if not (path / comp).is_dir():
             raise CheckpointError(
-                f"{path / comp}: missing {comp} folder (a diffusers checkpoint needs {', '.join(COMPONENT_DIRS)})"
+                f"{path / comp}: missing {comp} folder (a diffusers checkpoint needs {', '.join(_sorted(needed))})"
             )
-    configs = read_component_configs(path)
-    _check_supported(path, configs)
-    family = family_of(configs)
+    configs = {c: cfg for c, cfg in read_component_configs(path).items() if c in needed}
+    family = _check_supported(path, configs, index)
     arch = match_arch(configs, hint=_read_arch_hint(path))
 
-    tokenizer = _load_tokenizer(path, tokenizer_dir, configs["text_encoder"], family)
+    tokenizers = resolve_tokenizers(path, path, tokenizer_dir, configs, family)
     if vae is not None:  # checked before any model is loaded
         from sdtrt.checkpoint.vae import build_vae, check_vae, read_vae
 
         vae_state, vae_config = read_vae(vae, allow_pickle=allow_pickle)
         check_vae(vae, vae_state, vae_config, configs["vae"])
-    comps = [c for c in _WEIGHT_STEMS if not (c == "vae" and vae is not None)]
+    comps = [c for c in FAMILY_COMPONENTS[family] if not (c == "vae" and vae is not None)]
     weights = {comp: _find_weights(path / comp, comp, allow_pickle) for comp in comps}
-    classes = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
+               "unet": UNet2DConditionModel, "vae": AutoencoderKL}
     models = {comp: _load_component(path / comp, classes[comp], *weights[comp]) for comp in comps}
     notes: tuple[str, ...] = ()
     if vae is not None:
@@ -119,18 +138,35 @@ def load_diffusers_dir(
         format="diffusers",
         arch=arch,
         family=family,
-        text_encoder=models["text_encoder"],
-        tokenizer=tokenizer,
+        text_encoder=models.get("text_encoder"),
+        tokenizer=tokenizers.get("text_encoder"),
         unet=models["unet"],
         vae=models["vae"],
         scheduler_config=configs["scheduler"],
         notes=notes,
         vae_source=vae,
+        text_encoder_2=models.get("text_encoder_2"),
+        tokenizer_2=tokenizers.get("text_encoder_2"),
+        pipeline_config=pipeline_config(family, index),
     )
 
 
+def pipeline_config(family: str, index: dict[str, Any]) -> dict[str, Any]:
+    """``model_index.json``'s settings the runtime needs: for SDXL families ``force_zeros_for_empty_prompt`` and
+    ``requires_aesthetics_score`` (bools; diffusers' pipeline defaults, True and False, where absent); {} for SD."""
+    if not family.startswith("sdxl"):
+        return {}
+    return {k: bool(index[k]) if index.get(k) is not None else default for k, default in PIPELINE_SETTINGS.items()}
+
+
+def _sorted(comps: tuple[str, ...]) -> list[str]:
+    order = ("text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
+    return sorted(comps, key=order.index)
+
+
 def match_arch(configs: dict[str, dict[str, Any]], hint: str | None = None) -> str | None:
-    """The known architecture whose configs equal ``configs`` on the architecture-defining keys, else ``None``.
+    """The known architecture whose configs equal ``configs`` on the architecture-defining keys (text encoders
+    present or not, each compared), else ``None``.
 
     ``hint`` (from ``sdtrt_arch.json``) is tried first.
     """
@@ -153,7 +189,22 @@ def _check_folder(path: Path) -> None:
         hint = ""
         if any(path.glob("*.safetensors")) or any(path.glob("*.ckpt")):
             hint = " (for a single-file checkpoint, pass the .safetensors/.ckpt file itself)"
+        component = _component_folder(path)
+        if component is not None:
+            raise component.refusal(path)
         raise CheckpointError(f"not a diffusers checkpoint folder: {path} has no model_index.json{hint}")
+
+
+def _component_folder(path: Path):
+    """A folder of one diffusers model (``config.json``, no ``model_index.json``), named; None otherwise."""
+    f = path / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return detect_component_folder(config) if isinstance(config, dict) else None
 
 
 def _read_json(f: Path) -> dict[str, Any]:
@@ -166,55 +217,85 @@ def _read_json(f: Path) -> dict[str, Any]:
     return obj
 
 
-def _check_pipeline(path: Path, index: dict[str, Any]) -> None:
+def _check_pipeline(path: Path, index: dict[str, Any]):
+    """What ``model_index.json`` says the folder is (``detect.Detected``); refuses what sdtrt cannot run."""
     name = index.get("_class_name", "?")
     det = detect_configs({}, index)
-    if det.family == "sdxl":
+    if det.unsupported is not None:
         raise det.refusal(path)
-    missing = [c for c in ("text_encoder", "unet", "vae") if c not in index]
+    want = FAMILY_COMPONENTS.get(det.family or "sd1", FAMILY_COMPONENTS["sd1"])
+    missing = [c for c in want if not isinstance(index.get(c), list) or not any(index[c])]
     if missing:
         raise CheckpointError(
-            f"{path / 'model_index.json'}: {name} has no {', '.join(missing)}: not a Stable Diffusion 1.x/2.x checkpoint"
+            f"{path / 'model_index.json'}: {name} has no {', '.join(missing)}: not a Stable Diffusion checkpoint"
         )
+    return det
 
 
-def _check_supported(path: Path, configs: dict[str, dict[str, Any]]) -> None:
-    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
-    unet_cfg, vae_cfg, te_cfg = (
-        path / "unet" / "config.json",
-        path / "vae" / "config.json",
-        path / "text_encoder" / "config.json",
-    )
-    sched_cfg = path / "scheduler" / "scheduler_config.json"
-    for f, cfg in ((te_cfg, te), (unet_cfg, unet), (vae_cfg, vae), (sched_cfg, configs["scheduler"])):
+def _check_supported(path: Path, configs: dict[str, dict[str, Any]], index: dict[str, Any]) -> str:
+    """Refuse what sdtrt cannot run, naming the config file; return the family."""
+    for comp, cfg in configs.items():
         if not isinstance(cfg, dict):
-            raise CheckpointError(f"{f}: expected a JSON object")
+            raise CheckpointError(f"{_config_file(path, comp)}: expected a JSON object")
+    unet, vae, unet_cfg, vae_cfg = configs["unet"], configs["vae"], _config_file(path, "unet"), _config_file(path, "vae")
+    sched_cfg = _config_file(path, "scheduler")
     prediction = configs["scheduler"].get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise CheckpointError(f"{sched_cfg}: prediction_type {prediction!r}: not supported yet (epsilon, v_prediction)")
-    if te.get("model_type", "clip_text_model") != "clip_text_model":
-        raise CheckpointError(
-            f"{te_cfg}: text encoder model_type {te.get('model_type')!r}: only CLIP text encoders are supported"
-        )
+    for comp in TEXT_ENCODERS:
+        te = configs.get(comp)
+        if te is not None and te.get("model_type", "clip_text_model") != "clip_text_model":
+            raise CheckpointError(f"{_config_file(path, comp)}: text encoder model_type {te.get('model_type')!r}: "
+                                  "only CLIP text encoders are supported")
     if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise CheckpointError(f"{unet_cfg}: {unet['_class_name']} is not supported yet (only UNet2DConditionModel)")
-    det = detect_configs(configs)
+    det = detect_configs(configs, index)
     if det.unsupported is not None:
         raise det.refusal(path)
     if unet.get("out_channels", 4) != 4:
         raise CheckpointError(f"{unet_cfg}: unet has out_channels={unet['out_channels']}: not supported yet")
+    family = family_of(configs, index)
+    xl = family.startswith("sdxl")
     for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
-        if unet.get(k) is not None:
+        if unet.get(k) is not None and not (xl and k == "addition_embed_type" and unet[k] == "text_time"):
             raise CheckpointError(f"{unet_cfg}: unet uses {k}={unet[k]!r} (extra conditioning): not supported yet")
     if vae.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise CheckpointError(f"{vae_cfg}: {vae['_class_name']} is not supported yet (only AutoencoderKL)")
     if vae.get("latent_channels", 4) != 4:
         raise CheckpointError(f"{vae_cfg}: vae has latent_channels={vae['latent_channels']}: not supported yet")
-    hidden, cross = te.get("hidden_size"), unet.get("cross_attention_dim")
-    if hidden != cross:
+    encoders = [c for c in FAMILY_COMPONENTS[family] if c in TEXT_ENCODERS]
+    hidden = [configs[c].get("hidden_size") for c in encoders]
+    cross = unet.get("cross_attention_dim")
+    if not xl and hidden[0] != cross:
         raise CheckpointError(
-            f"{path}: unet cross_attention_dim={cross} does not match text_encoder hidden_size={hidden}: mismatched components"
+            f"{path}: unet cross_attention_dim={cross} does not match text_encoder hidden_size={hidden[0]}: "
+            "mismatched components"
         )
+    if xl:
+        _check_sdxl(path, configs, family, encoders, hidden)
+    return family
+
+
+def _check_sdxl(path: Path, configs: dict[str, dict[str, Any]], family: str, encoders: list[str],
+                hidden: list[Any]) -> None:
+    """SDXL's UNet reads the text encoders' hidden states concatenated, and bigG's pooled output + time ids."""
+    unet = configs["unet"]
+    cross = unet.get("cross_attention_dim")
+    if not all(isinstance(h, int) for h in hidden) or sum(hidden) != cross:
+        sizes = " + ".join(f"{c} hidden_size={h}" for c, h in zip(encoders, hidden, strict=True))
+        raise CheckpointError(f"{path}: unet cross_attention_dim={cross} does not match {sizes}: mismatched components")
+    want = 5 if family == "sdxl-refiner" else 6
+    if time_id_count(configs) != want:
+        raise CheckpointError(
+            f"{_config_file(path, 'unet')}: unet projection_class_embeddings_input_dim="
+            f"{unet.get('projection_class_embeddings_input_dim')} is not text_encoder_2 projection_dim="
+            f"{configs['text_encoder_2'].get('projection_dim')} + {want} time ids x addition_time_embed_dim="
+            f"{unet.get('addition_time_embed_dim')}: mismatched components"
+        )
+
+
+def _config_file(path: Path, comp: str) -> Path:
+    return path / comp / ("scheduler_config.json" if comp == "scheduler" else "config.json")
 
 
 def _read_arch_hint(path: Path) -> str | None:
@@ -227,11 +308,6 @@ def _read_arch_hint(path: Path) -> str | None:
         logger.warning("%s: unreadable, ignored", f)
         return None
     return arch if isinstance(arch, str) else None
-
-
-def _load_tokenizer(path: Path, tokenizer_dir: Path | None, te_config: dict[str, Any], family: str):
-    explicit = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    return resolve_tokenizer(path, path / "tokenizer", explicit, te_config, family)
 
 
 def _find_weights(comp_dir: Path, comp: str, allow_pickle: bool) -> tuple[Path, str | None, bool]:
@@ -316,10 +392,16 @@ def _arch_key(configs: dict[str, dict[str, Any]]) -> tuple:
     out = []
     for comp, defaults in (
         ("text_encoder", _clip_text_defaults()),
+        ("text_encoder_2", _clip_text_defaults()),
         ("unet", _init_defaults(UNet2DConditionModel)),
         ("vae", _init_defaults(AutoencoderKL)),
     ):
-        cfg = {k: _listify(configs[comp].get(k, defaults.get(k))) for k in _ARCH_KEYS[comp]}
+        if comp not in configs:  # a text encoder the family does not have
+            out.append(None)
+            continue
+        keys = _ARCH_KEYS["text_encoder"] + (("projection_dim",) if comp == "text_encoder_2" else ())
+        keys = keys if comp in TEXT_ENCODERS else _ARCH_KEYS[comp]
+        cfg = {k: _listify(configs[comp].get(k, defaults.get(k))) for k in keys}
         if comp == "unet":
             n = len(cfg["down_block_types"] or [])
             # diffusers' SD UNet names the head count attention_head_dim; num_attention_heads falls back to it.

@@ -18,6 +18,10 @@ Original layout, per component:
   SD 2.x ``cond_stage_model.model.`` in OpenCLIP layout (fused ``attn.in_proj_weight``, ``mlp.c_fc``, ...).
   Real SD 2.x files carry 24 OpenCLIP layers and a ``text_projection``; diffusers keeps 23 layers and no
   projection, so only what the model has is written.
+* SDXL (Stability's ``sgm`` layout): the UNet as above plus ``label_emb.0.{0,2}`` (diffusers' ``add_embedding``,
+  the pooled-text + time-id embedding); text encoders under ``conditioner.embedders.``: base ``0.transformer.``
+  (CLIP ViT-L, Hugging Face keys) and ``1.model.`` (OpenCLIP ViT-bigG layout, all layers, ``text_projection``
+  as ``x @ P``); the refiner has only bigG, as ``0.model.``. ``TEXT_LAYOUTS`` says which, per family.
 """
 
 from __future__ import annotations
@@ -38,7 +42,18 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-FAMILIES = ("sd1", "sd2")
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+HF, OPEN_CLIP = "hf", "open_clip"  # text-encoder key layouts: Hugging Face CLIP names, or OpenCLIP's fused ones
+# family -> text-encoder component -> (original prefix, layout)
+TEXT_LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
+    "sd1": {"text_encoder": (SD1_TEXT_PREFIX, HF)},
+    "sd2": {"text_encoder": (SD2_TEXT_PREFIX, OPEN_CLIP)},
+    "sdxl": {"text_encoder": (SDXL_CLIP_L_PREFIX, HF), "text_encoder_2": (SDXL_BIGG_PREFIX, OPEN_CLIP)},
+    "sdxl-refiner": {"text_encoder_2": (REFINER_BIGG_PREFIX, OPEN_CLIP)},
+}
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -46,6 +61,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL: pooled text + time ids
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -154,14 +171,14 @@ def _vae_key(key: str, n_up: int) -> str | None:
     return None
 
 
-def _open_clip_key(key: str) -> str | None:
+def _open_clip_key(key: str, prefix: str = SD2_TEXT_PREFIX) -> str | None:
     if key in _OPEN_CLIP_TOP:
-        return SD2_TEXT_PREFIX + _OPEN_CLIP_TOP[key]
+        return prefix + _OPEN_CLIP_TOP[key]
     m = _CLIP_LAYER_RE.fullmatch(key)
     if not m:
         return None
     i, module, param = m.group(1), m.group(2), m.group(3)
-    head = f"{SD2_TEXT_PREFIX}transformer.resblocks.{i}."
+    head = f"{prefix}transformer.resblocks.{i}."
     if module in _OPEN_CLIP_LAYER:
         return f"{head}{_OPEN_CLIP_LAYER[module]}.{param}"
     if module in (f"self_attn.{p}" for p in _QKV):
@@ -189,10 +206,10 @@ def canonical_clip_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
 def original_key_map(
     component: str, keys: Iterable[str], *, family: str = "sd1", layers_per_block: int = 2
 ) -> dict[str, str]:
-    """Map each diffusers key of ``component`` (``text_encoder`` with canonical ``text_model.`` keys, ``unet`` or
-    ``vae``) to its original key; keys with no original equivalent are left out.
+    """Map each diffusers key of ``component`` (``text_encoder`` / ``text_encoder_2`` with canonical
+    ``text_model.`` keys, ``unet`` or ``vae``) to its original key; keys with no original equivalent are left out.
 
-    Several diffusers keys may map to one original key (SD 2.x fused q/k/v).
+    Several diffusers keys may map to one original key (OpenCLIP's fused q/k/v).
     """
     keys = list(keys)
     if component == "unet":
@@ -201,11 +218,11 @@ def original_key_map(
     elif component == "vae":
         n_up = _n_up_blocks(keys)
         pairs = ((k, _vae_key(k, n_up)) for k in keys)
-    elif component == "text_encoder":
-        _check_family(family)
-        pairs = ((k, SD1_TEXT_PREFIX + k if family == "sd1" else _open_clip_key(k)) for k in keys)
+    elif component in ("text_encoder", "text_encoder_2"):
+        prefix, layout = _text_layout(family, component)
+        pairs = ((k, prefix + k if layout == HF else _open_clip_key(k, prefix)) for k in keys)
     else:
-        raise UsageError(f"unknown component {component!r}; expected text_encoder, unet or vae")
+        raise UsageError(f"unknown component {component!r}; expected text_encoder, text_encoder_2, unet or vae")
     return {k: v for k, v in pairs if v is not None}
 
 
@@ -214,13 +231,21 @@ def _check_family(family: str) -> None:
         raise UsageError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
+def _text_layout(family: str, component: str) -> tuple[str, str]:
+    _check_family(family)
+    layout = TEXT_LAYOUTS[family].get(component)
+    if layout is None:
+        raise UsageError(f"a {family} checkpoint has no {component}")
+    return layout
+
+
 def _map_all(component: str, state_dict: dict[str, Any], **kwargs: Any) -> dict[str, str]:
     keymap = original_key_map(component, state_dict, **kwargs)
     unmapped = [k for k in state_dict if k not in keymap]
     if unmapped:
         raise CheckpointError(
             f"{component} has {len(unmapped)} tensors with no place in the original SD layout "
-            f"(e.g. {unmapped[0]}): not a Stable Diffusion 1.x/2.x {component}"
+            f"(e.g. {unmapped[0]}): not a Stable Diffusion {component}"
         )
     return keymap
 
@@ -245,20 +270,21 @@ def vae_to_original(state_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def text_encoder_to_original(state_dict: dict[str, Any], family: str) -> dict[str, Any]:
-    """Hugging Face CLIP text-model state dict (any key style) -> ``cond_stage_model.*`` of ``family``.
+def text_encoder_to_original(state_dict: dict[str, Any], family: str, component: str = "text_encoder") -> dict[str, Any]:
+    """Hugging Face CLIP text-model state dict (any key style) of ``component`` -> its original keys in
+    ``family`` (``TEXT_LAYOUTS``).
 
-    ``sd1``: the same keys under ``cond_stage_model.transformer.``. ``sd2``: OpenCLIP layout, q/k/v fused
-    (concatenated in that order along dim 0) and ``text_projection`` transposed.
+    Hugging Face layout (SD 1.x, SDXL's CLIP ViT-L): the same keys under the prefix. OpenCLIP layout (SD 2.x,
+    SDXL's bigG): q/k/v fused (concatenated in that order along dim 0) and ``text_projection`` transposed.
     """
     import torch
 
-    _check_family(family)
+    prefix, layout = _text_layout(family, component)
     sd = canonical_clip_keys(state_dict)
-    if family == "sd1":
-        return {SD1_TEXT_PREFIX + k: t for k, t in sd.items()}
+    if layout == HF:
+        return {prefix + k: t for k, t in sd.items()}
     sd.pop("text_model.embeddings.position_ids", None)  # a buffer OpenCLIP recomputes; older transformers saved it
-    keymap = _map_all("text_encoder", sd, family="sd2")
+    keymap = _map_all(component, sd, family=family)
     out: dict[str, Any] = {}
     fused: dict[str, dict[str, Any]] = {}
     for k, t in sd.items():
@@ -271,21 +297,32 @@ def text_encoder_to_original(state_dict: dict[str, Any], family: str) -> dict[st
             out[orig] = t
     for orig, parts in fused.items():
         if set(parts) != set(_QKV):
-            raise CheckpointError(f"text_encoder: {orig} needs q, k and v projections, found only {sorted(parts)}")
+            raise CheckpointError(f"{component}: {orig} needs q, k and v projections, found only {sorted(parts)}")
         out[orig] = torch.cat([parts[p] for p in _QKV], dim=0)
     return out
 
 
-def to_original_state_dict(text_encoder, unet, vae, family: str) -> dict[str, Any]:
-    """The whole checkpoint in the original single-file layout: text encoder (``cond_stage_model.``), UNet
-    (``model.diffusion_model.``) and VAE (``first_stage_model.``). Tensors share storage with the modules where
-    no reshaping is needed; nothing is copied to another device or dtype."""
+def to_original_state_dict(text_encoder, unet, vae, family: str, text_encoder_2=None) -> dict[str, Any]:
+    """The whole checkpoint in the original single-file layout: text encoder(s) (``cond_stage_model.``, SDXL:
+    ``conditioner.embedders.``), UNet (``model.diffusion_model.``) and VAE (``first_stage_model.``). Tensors
+    share storage with the modules where no reshaping is needed; nothing is copied to another device or dtype.
+    ``text_encoder`` is None for ``sdxl-refiner``; ``text_encoder_2`` is SDXL's second one."""
     _check_family(family)
     out: dict[str, Any] = {}
-    out.update(text_encoder_to_original(text_encoder.state_dict(), family))
+    for comp, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if comp in TEXT_LAYOUTS[family]:
+            if model is None:
+                raise UsageError(f"a {family} checkpoint needs its {comp}")
+            out.update(text_encoder_to_original(model.state_dict(), family, comp))
     out.update(unet_to_original(unet.state_dict(), _layers_per_block(unet.config)))
     out.update(vae_to_original(vae.state_dict()))
     return out
+
+
+def models_to_original(models: dict[str, Any], family: str) -> dict[str, Any]:
+    """``to_original_state_dict`` of ``archs.build_models``' dict of modules."""
+    return to_original_state_dict(models.get("text_encoder"), models["unet"], models["vae"], family,
+                                  text_encoder_2=models.get("text_encoder_2"))
 
 
 def _layers_per_block(config: Any) -> int:
@@ -307,7 +344,8 @@ def save_single_file(checkpoint, path: Path) -> None:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UsageError(f"{path}: a single-file checkpoint is written as .safetensors")
-    state = to_original_state_dict(checkpoint.text_encoder, checkpoint.unet, checkpoint.vae, checkpoint.family)
+    state = to_original_state_dict(checkpoint.text_encoder, checkpoint.unet, checkpoint.vae, checkpoint.family,
+                                   text_encoder_2=checkpoint.text_encoder_2)
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state.items()}
     metadata = {
         "format": "pt",

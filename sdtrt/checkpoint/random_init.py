@@ -17,8 +17,8 @@ from pathlib import Path
 
 from sdtrt import __version__
 from sdtrt.checkpoint.archs import arch_spec, build_models, read_component_configs
-from sdtrt.checkpoint.clip_vocab import CLIP_VOCAB_SIZE, clip_tokenizer
-from sdtrt.checkpoint.tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, write_generated_tokenizer
+from sdtrt.checkpoint.clip_vocab import CLIP_VOCAB_SIZE, clip_tokenizer, pad_token
+from sdtrt.checkpoint.tokenizer import write_generated_tokenizer
 from sdtrt.errors import CheckpointError
 from sdtrt.fsutil import atomic_dir
 
@@ -38,11 +38,14 @@ def init_random(
 ) -> Path:
     """Write a diffusers-format checkpoint folder of ``arch`` with random weights seeded by ``seed``; return it.
 
-    The folder has ``model_index.json``, ``text_encoder/``, ``tokenizer/`` (CLIP's for the full-size archs, a generated one of the text encoder's small vocabulary for the tiny ones), ``unet/``, ``vae/``,
-    ``scheduler/`` and ``sdtrt_arch.json``; weights are fp32 safetensors, identical for identical seeds. It is
+    The folder has ``model_index.json``, ``text_encoder/`` + ``tokenizer/`` (SD, SDXL base) and ``text_encoder_2/``
+    + ``tokenizer_2/`` (SDXL base and refiner), ``unet/``, ``vae/``, ``scheduler/`` and ``sdtrt_arch.json``, as
+    diffusers' own pipelines load them. Tokenizers are CLIP's for the full-size archs, generated ones of the text
+    encoder's small vocabulary for the tiny ones; each pads as the real model's does (``clip_vocab.pad_token``).
+    Weights are fp32 safetensors, identical for identical seeds. It is
     written atomically: on failure nothing is left behind. An existing non-empty ``out_dir`` is an error unless
     ``overwrite``. ``progress`` is called with a short description at each stage (full-size archs take about
-    30 s, 5 GB of RAM and 4 GB of disk on two CPU cores).
+    30 s, 5 GB of RAM and 4 GB of disk on two CPU cores; full-size SDXL about 14 GB of RAM and 7 GB of disk).
     """
     import torch
 
@@ -66,25 +69,27 @@ def init_random(
         # fork_rng: seed deterministically without disturbing the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            text_encoder, unet, vae = build_models(configs)
-        for name, model in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+            models = build_models(configs)
+        for name in list(models):
             stage(f"saving {name}")
-            model.save_pretrained(tmp / name)  # safetensors is the default in both libraries
+            models.pop(name).save_pretrained(tmp / name)  # safetensors is the default in both libraries
             if not any((tmp / name).glob("*.safetensors")):
                 raise CheckpointError(f"{tmp / name}: {name} was not saved as safetensors")
-        del text_encoder, unet, vae
         stage("writing scheduler, tokenizer and model_index.json")
         (tmp / "scheduler").mkdir()
         shutil.copyfile(
             spec.config_dir / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json"
         )
         shutil.copyfile(spec.config_dir / "model_index.json", tmp / "model_index.json")
-        vocab_size = configs["text_encoder"]["vocab_size"]
-        if vocab_size == CLIP_VOCAB_SIZE:  # full-size archs: CLIP's real tokenizer, as the real models have
-            clip_tokenizer(spec.family).save_pretrained(str(tmp / "tokenizer"))
-        else:  # tiny archs embed a small vocabulary: a generated tokenizer of that size
-            pad = SD2_PAD_TOKEN if spec.family == "sd2" else EOS_TOKEN
-            write_generated_tokenizer(tmp / "tokenizer", vocab_size, TOKENIZER_SEED, pad_token=pad)
+        for te, tok_dir in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            if te not in configs:
+                continue
+            vocab_size = configs[te]["vocab_size"]
+            if vocab_size == CLIP_VOCAB_SIZE:  # full-size archs: CLIP's real tokenizer, as the real models have
+                clip_tokenizer(spec.family, te).save_pretrained(str(tmp / tok_dir))
+            else:  # tiny archs embed a small vocabulary: a generated tokenizer of that size
+                write_generated_tokenizer(tmp / tok_dir, vocab_size, TOKENIZER_SEED,
+                                          pad_token=pad_token(spec.family, te))
         meta = {"arch": spec.name, "family": spec.family, "seed": seed, "made_by": f"sdtrt {__version__} init_random"}
         (tmp / ARCH_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     stage(f"wrote {out_dir}")

@@ -1,11 +1,12 @@
-"""Load a single-file Stable Diffusion 1.x / 2.x checkpoint (original CompVis / A1111 key layout), offline.
+"""Load a single-file Stable Diffusion 1.x / 2.x / XL checkpoint (original CompVis / A1111 / sgm layout), offline.
 
 Steps: read the tensors (safetensors; pickles only on request, and only through ``torch.load(weights_only=True)``)
 -> recognise the architecture by converting the key layout with diffusers' own ``single_file_utils`` functions
 for each candidate and comparing every key and shape with what the candidate's models expect (shapes only, on
 the meta device) -> convert for real, cast to fp32 -> load strictly into modules built from the candidate's
-configs. The tokenizer is not part of such files: it comes from ``tokenizer_dir`` or a ``tokenizer/`` folder
-beside the file. Every refusal is a one-line ``CheckpointError`` naming the file.
+configs. Tokenizers are not part of such files: they come from ``tokenizer_dir``, or ``tokenizer/`` (and SDXL's
+``tokenizer_2/``) folders beside the file, or are CLIP's own for CLIP-sized text encoders. Every refusal is a
+one-line ``CheckpointError`` naming the file.
 
 Weights are assigned, not copied: fp32 tensors of a ``.safetensors`` file stay in safetensors' private
 (copy-on-write) memory map of it, so loading is fast and costs no extra memory; replace such a file by rename
@@ -23,12 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtrt.checkpoint.archs import KNOWN_ARCHS, arch_spec, build_models, family_of, read_component_configs
-from sdtrt.checkpoint.clip_vocab import resolve_tokenizer
+from sdtrt.checkpoint.archs import (
+    FAMILY_COMPONENTS,
+    KNOWN_ARCHS,
+    arch_spec,
+    build_models,
+    family_of,
+    read_component_configs,
+)
+from sdtrt.checkpoint.clip_vocab import resolve_tokenizers
 from sdtrt.checkpoint.detect import detect_configs, detect_state
 from sdtrt.checkpoint.ldm_layout import (
+    HF,
     SD1_TEXT_PREFIX,
-    SD2_TEXT_PREFIX,
+    TEXT_LAYOUTS,
     UNET_PREFIX,
     VAE_PREFIX,
     canonical_clip_keys,
@@ -41,14 +50,11 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-COMPONENTS = ("text_encoder", "unet", "vae")
 _EMA_PREFIX = "model_ema."
 _POSITION_IDS = "text_model.embeddings.position_ids"  # a non-persistent buffer; older files carry it
-_TOKEN_EMBEDDING = {
-    "sd1": SD1_TEXT_PREFIX + "text_model.embeddings.token_embedding.weight",
-    "sd2": SD2_TEXT_PREFIX + "token_embedding.weight",
-}
+_TOKEN_EMBEDDING = {HF: "text_model.embeddings.token_embedding.weight", "open_clip": "token_embedding.weight"}
 _CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+_LABEL_EMB = UNET_PREFIX + "label_emb.0.0.weight"  # SDXL: (time_embed_dim, pooled + time ids)
 _FAILED = 1 << 30  # mismatch count of a candidate whose conversion threw: farther than any real count
 
 Shapes = dict[str, dict[str, tuple[int, ...] | None]]  # component -> diffusers key -> shape
@@ -62,6 +68,11 @@ class _Candidate:
     name: str | None  # known arch name; None for a config folder
     configs: dict[str, dict[str, Any]]
     family: str
+    index: dict[str, Any]  # its model_index.json ({} if none): SDXL's pipeline settings come from it
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return FAMILY_COMPONENTS[self.family]
 
 
 @dataclass(frozen=True)
@@ -84,11 +95,12 @@ def load_single_file(
 ) -> Checkpoint:
     """Load an original-layout single-file checkpoint into fp32, eval-mode modules.
 
-    First ``detect.detect_state`` names what the file is, and anything sdtrt cannot export (inpainting, SDXL,
-    LoRA, a VAE alone, ...) is refused with that name, whatever ``config_dir`` says. The architecture is then
-    recognised among the known ones (``tiny-sd1``, ``tiny-sd2``, ``sd15``, ``sd21``) or, with ``config_dir`` (a
-    diffusers-format folder of text_encoder/unet/vae/scheduler configs), checked against that one only;
-    ``scheduler_config`` (and so the prediction type) comes from the same place. A file with EMA weights
+    First ``detect.detect_state`` names what the file is, and anything sdtrt cannot export (inpainting, LoRA, a
+    VAE alone, SD3, ...) is refused with that name, whatever ``config_dir`` says. The architecture is then
+    recognised among the known ones of its kind (SD 1.x/2.x: ``tiny-sd1``, ``tiny-sd2``, ``sd15``, ``sd21``;
+    SDXL: ``tiny-sdxl``, ``tiny-sdxl-refiner``, ``sdxl``, ``sdxl-refiner``) or, with ``config_dir`` (a
+    diffusers-format folder of text encoder/unet/vae/scheduler configs), checked against that one only;
+    ``scheduler_config`` (and so the prediction type) and SDXL's ``pipeline_config`` come from the same place. A file with EMA weights
     (``model_ema.*``) loads its regular weights, or the EMA ones with ``ema``; ``vae`` (see ``sdtrt.checkpoint.vae``)
     replaces the file's VAE or supplies a missing one. fp16/bf16 files are cast to fp32. Pickle files (``.ckpt``,
     ``.pt``, ``.pth``, ``.bin``) are refused unless ``allow_pickle``.
@@ -117,36 +129,43 @@ def load_single_file(
         state = {k: v for k, v in state.items() if not k.startswith(VAE_PREFIX)} | vae_state
         notes += (f"VAE from {vae}",)
 
-    candidates = [_config_candidate(Path(config_dir))] if config_dir is not None else _known_candidates()
+    xl = (det.family or det.kind).startswith("sdxl")
+    candidates = [_config_candidate(Path(config_dir))] if config_dir is not None else _known_candidates(xl)
     cand = _recognise(path, state, candidates)
     if vae is not None:
         from sdtrt.checkpoint.vae import check_scaling
 
         check_scaling(Path(vae), vae_config, cand.configs["vae"])
     _check_alphas(path, state, cand.configs["scheduler"])
-    tokenizer = _load_tokenizer(path, tokenizer_dir, cand.configs["text_encoder"], cand.family)
+    explicit = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    tokenizers = resolve_tokenizers(path, path.parent, explicit, cand.configs, cand.family)
     weights = _to_fp32(path, _convert(state, cand))
     del state
-    text_encoder, unet, vae_model = _build_and_load(path, weights, cand)
+    models = _build_and_load(path, weights, cand)
 
     arch = cand.name
     if arch is None:
         from sdtrt.checkpoint.diffusers_dir import match_arch
 
         arch = match_arch(cand.configs)
+    from sdtrt.checkpoint.diffusers_dir import pipeline_config
+
     logger.info("loaded %s (single-file, arch=%s, family=%s)", path, arch, cand.family)
     return Checkpoint(
         source=path,
         format="single-file",
         arch=arch,
         family=cand.family,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        vae=vae_model,
+        text_encoder=models.get("text_encoder"),
+        tokenizer=tokenizers.get("text_encoder"),
+        unet=models["unet"],
+        vae=models["vae"],
         scheduler_config=cand.configs["scheduler"],
         notes=notes,
         vae_source=Path(vae) if vae is not None else None,
+        text_encoder_2=models.get("text_encoder_2"),
+        tokenizer_2=tokenizers.get("text_encoder_2"),
+        pipeline_config=pipeline_config(cand.family, cand.index),
     )
 
 
@@ -192,7 +211,7 @@ def _pick_weights(path: Path, state: dict[str, Any], ema: bool) -> tuple[dict[st
 def _unflatten_ema_names(flat: dict[str, Any]) -> list[str]:
     """UNet keys of the known layouts whose flattened names are in ``flat`` (an EMA-only file)."""
     names = {}
-    for cand in _known_candidates():
+    for cand in _known_candidates(False) + _known_candidates(True):
         lpb = _layers_per_block(cand.configs["unet"])
         for k in original_key_map("unet", _expected_shapes(cand)["unet"], family=cand.family, layers_per_block=lpb).values():
             names.setdefault("".join(k.split(".")[1:]), k)
@@ -280,19 +299,36 @@ def _unpickle_reason(e: BaseException) -> str:
 # ---- candidates ---------------------------------------------------------------------------------------------
 
 
-def _known_candidates() -> list[_Candidate]:
+def _known_candidates(xl: bool) -> list[_Candidate]:
+    """The known architectures of SDXL (``xl``) or of SD 1.x/2.x, in ``KNOWN_ARCHS`` order."""
     out = []
     for name in KNOWN_ARCHS:
-        configs = read_component_configs(arch_spec(name).config_dir)
-        out.append(_Candidate(label=name, name=name, configs=configs, family=family_of(configs)))
+        spec = arch_spec(name)
+        if spec.family.startswith("sdxl") != xl:
+            continue
+        configs = read_component_configs(spec.config_dir)
+        index = _read_index(spec.config_dir)
+        out.append(_Candidate(label=name, name=name, configs=configs, family=family_of(configs, index), index=index))
     return out
+
+
+def _read_index(config_dir: Path) -> dict[str, Any]:
+    import json
+
+    f = config_dir / "model_index.json"
+    try:
+        index = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({one_line(e)})") from None
+    return index if isinstance(index, dict) else {}
 
 
 def _config_candidate(config_dir: Path) -> _Candidate:
     if not config_dir.is_dir():
         raise CheckpointError(f"{config_dir}: config folder not found (expected a diffusers-format folder)")
     configs = read_component_configs(config_dir)
-    det = detect_configs(configs)
+    index = _read_index(config_dir)
+    det = detect_configs(configs, index)
     if det.unsupported is not None:  # --config describes a model sdtrt cannot run: refused like the file would be
         raise det.refusal(config_dir)
     prediction = configs["scheduler"].get("prediction_type", "epsilon")
@@ -301,7 +337,9 @@ def _config_candidate(config_dir: Path) -> _Candidate:
             f"{config_dir / 'scheduler' / 'scheduler_config.json'}: prediction_type {prediction!r}: "
             "not supported yet (epsilon, v_prediction)"
         )
-    return _Candidate(label=str(config_dir), name=None, configs=configs, family=family_of(configs))
+    family = family_of(configs, index)
+    configs = {c: cfg for c, cfg in configs.items() if c in (*FAMILY_COMPONENTS[family], "scheduler")}
+    return _Candidate(label=str(config_dir), name=None, configs=configs, family=family, index=index)
 
 
 # ---- recognition --------------------------------------------------------------------------------------------
@@ -326,6 +364,7 @@ def _recognise(path: Path, state: dict[str, Any], candidates: list[_Candidate]) 
         fits.append(fit)
     if not fits:  # every candidate failed the cheap check: compare fully, for the closest one's details
         fits = [_fit(meta, cand) for cand in candidates]
+        fits = [f if f.count else _Fit(f.candidate, _FAILED, _signature_mismatch(shapes, f.candidate) or "") for f in fits]
     best = min(fits, key=lambda f: f.count)
     if best.count >= _FAILED:
         detail = best.example
@@ -340,16 +379,17 @@ def _recognise(path: Path, state: dict[str, Any], candidates: list[_Candidate]) 
 
 
 def _signature_mismatch(shapes: dict[str, tuple[int, ...]], cand: _Candidate) -> str | None:
-    """Why ``cand`` cannot fit, from a few signature tensors (text width, UNet conv_in, context size), or None.
-
-    Only definite conflicts count: a value the configs leave out is not checked here.
-    """
-    te, unet = cand.configs["text_encoder"], cand.configs["unet"]
-    token = shapes.get(_TOKEN_EMBEDDING[cand.family])
-    if token is None or len(token) != 2:
-        return f"no {cand.family} text encoder"
-    if te.get("hidden_size") not in (None, token[1]):
-        return f"text encoder width {token[1]}, expected {te['hidden_size']}"
+    """Why ``cand`` cannot fit, from a few signature tensors (text widths, UNet conv_in, context size, SDXL's
+    pooled + time-id embedding), or None. Only definite conflicts count: a value the configs leave out is not
+    checked here."""
+    unet = cand.configs["unet"]
+    for comp, (prefix, layout) in TEXT_LAYOUTS[cand.family].items():
+        token = shapes.get(prefix + _TOKEN_EMBEDDING[layout])
+        if token is None or len(token) != 2:
+            return f"no {cand.family} {comp} ({prefix}*)"
+        width = cand.configs[comp].get("hidden_size")
+        if width not in (None, token[1]):
+            return f"{comp} width {token[1]}, expected {width}"
     conv_in = shapes.get(_CONV_IN)
     boc = unet.get("block_out_channels")
     if conv_in is None or len(conv_in) != 4:
@@ -362,6 +402,10 @@ def _signature_mismatch(shapes: dict[str, tuple[int, ...]], cand: _Candidate) ->
     cross = unet.get("cross_attention_dim")
     if context is not None and isinstance(cross, int) and context[-1] != cross:
         return f"UNet context size {context[-1]}, expected {cross}"
+    label = shapes.get(_LABEL_EMB)
+    adm = unet.get("projection_class_embeddings_input_dim")
+    if (label is None) != (adm is None) or (label is not None and len(label) == 2 and label[1] != adm):
+        return f"UNet label_emb {_fmt(label)}, expected (*, {adm})"
     return None
 
 
@@ -372,11 +416,11 @@ def _fit(meta_state: dict[str, Any], cand: _Candidate) -> _Fit:
     except Exception as e:  # diffusers' converters index freely; a foreign layout can make them throw
         return _Fit(cand, _FAILED, f"its key layout cannot be converted ({one_line(e)})")
     got: Shapes = {
-        c: {k: (tuple(t.shape) if t is not None else None) for k, t in converted[c].items()} for c in COMPONENTS
+        c: {k: (tuple(t.shape) if t is not None else None) for k, t in converted[c].items()} for c in cand.components
     }
     wrong, missing, unexpected = [], [], []
     lpb = _layers_per_block(cand.configs["unet"])
-    for comp in COMPONENTS:
+    for comp in cand.components:
         exp, have = expected[comp], got[comp]
         names = original_key_map(comp, exp, family=cand.family, layers_per_block=lpb)
         for k, shape in exp.items():
@@ -414,9 +458,9 @@ def _model_shapes(configs: dict[str, dict[str, Any]], label: str) -> Shapes:
     except Exception as e:  # a config the model classes reject
         raise CheckpointError(f"{label}: cannot build models from the configs: {one_line(e)}") from e
     out: Shapes = {}
-    for comp, model in zip(COMPONENTS, models, strict=True):
+    for comp, model in models.items():
         sd = model.state_dict()
-        if comp == "text_encoder":
+        if comp.startswith("text_encoder"):
             sd = canonical_clip_keys(sd)
         out[comp] = {k: tuple(t.shape) for k, t in sd.items()}
     return out
@@ -426,8 +470,8 @@ def _model_shapes(configs: dict[str, dict[str, Any]], label: str) -> Shapes:
 
 
 def _convert(state: dict[str, Any], cand: _Candidate) -> dict[str, dict[str, Any]]:
-    """Original layout -> diffusers layout per component (text encoder keys canonical, ``text_model.``-prefixed),
-    by diffusers' own converters. Works on real and on meta tensors."""
+    """Original layout -> diffusers layout per component of ``cand`` (text encoder keys canonical,
+    ``text_model.``-prefixed), by diffusers' own converters. Works on real and on meta tensors."""
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -435,20 +479,22 @@ def _convert(state: dict[str, Any], cand: _Candidate) -> dict[str, dict[str, Any
         convert_open_clip_checkpoint,
     )
 
-    if cand.family == "sd1":
-        text = convert_ldm_clip_checkpoint(state)
-    else:
-        # Only text_model.config.hidden_size is read (to split the fused q/k/v) when the file has no text_projection.
-        width = cand.configs["text_encoder"].get("hidden_size")
-        text_model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width))
-        text = convert_open_clip_checkpoint(text_model, state, prefix=SD2_TEXT_PREFIX)
-    text.pop(_POSITION_IDS, None)
+    out: dict[str, dict[str, Any]] = {}
+    for comp, (prefix, layout) in TEXT_LAYOUTS[cand.family].items():
+        if layout == HF:
+            mine = {k: v for k, v in state.items() if k.startswith(prefix)}  # not another encoder's HF keys
+            text = convert_ldm_clip_checkpoint(mine, remove_prefix=prefix)
+        else:
+            # text_model.config.hidden_size splits the fused q/k/v when the file has no text_projection (SD 2.x).
+            width = cand.configs[comp].get("hidden_size")
+            text_model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width))
+            text = convert_open_clip_checkpoint(text_model, state, prefix=prefix)
+        text.pop(_POSITION_IDS, None)
+        out[comp] = text
     unet_config = {"layers_per_block": 2, **cand.configs["unet"]}  # the converter needs it; 2 is diffusers' default
-    return {
-        "text_encoder": text,
-        "unet": convert_ldm_unet_checkpoint(state, unet_config),
-        "vae": convert_ldm_vae_checkpoint(state, cand.configs["vae"]),
-    }
+    out["unet"] = convert_ldm_unet_checkpoint(state, unet_config)
+    out["vae"] = convert_ldm_vae_checkpoint(state, cand.configs["vae"])
+    return out
 
 
 def _to_fp32(path: Path, weights: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -477,19 +523,19 @@ def _build_and_load(path: Path, weights: dict[str, dict[str, Any]], cand: _Candi
 
     with torch.device("meta"):
         models = build_models(cand.configs)
-    for comp, model in zip(COMPONENTS, models, strict=True):
+    for comp, model in models.items():
         _load_strict(path, comp, model, weights[comp], assign=True)
         if not _materialize_buffers(model):
             logger.debug("%s: %s has unknown non-persistent buffers; building it on the CPU", path, comp)
             models = build_models(cand.configs)
-            for c, m in zip(COMPONENTS, models, strict=True):
+            for c, m in models.items():
                 _load_strict(path, c, m, weights[c], assign=False)
             break
-    return tuple(m.eval() for m in models)
+    return {c: m.eval() for c, m in models.items()}
 
 
 def _load_strict(path: Path, comp: str, model, weights: dict[str, Any], *, assign: bool) -> None:
-    if comp == "text_encoder" and not any(k.startswith("text_model.") for k in model.state_dict()):
+    if comp.startswith("text_encoder") and not any(k.startswith("text_model.") for k in model.state_dict()):
         # transformers >= 5: CLIPTextModel's own keys have no text_model. prefix.
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
     own = model.state_dict()
@@ -528,7 +574,3 @@ def _layers_per_block(unet_config: dict[str, Any]) -> int:
     n = unet_config.get("layers_per_block", 2)
     return int(n[0] if isinstance(n, (list, tuple)) else n)
 
-
-def _load_tokenizer(path: Path, tokenizer_dir: str | Path | None, te_config: dict[str, Any], family: str):
-    explicit = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    return resolve_tokenizer(path, path.parent / "tokenizer", explicit, te_config, family)

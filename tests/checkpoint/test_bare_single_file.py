@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from sdtrt.checkpoint.archs import CONFIG_ROOT, build_models, read_component_configs
 from sdtrt.checkpoint.clip_vocab import KNOWN_IDS
-from sdtrt.checkpoint.ldm_layout import to_original_state_dict
+from sdtrt.checkpoint.ldm_layout import models_to_original
 from sdtrt.checkpoint.tokenizer import load_tokenizer, write_generated_tokenizer
 from sdtrt.cli import main
 
@@ -33,10 +33,10 @@ def bare(tmp_path_factory) -> tuple[Path, Path]:
     te = json.loads(te_file.read_text())
     te_file.write_text(json.dumps({**te, "vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407}))
     torch.manual_seed(0)
-    te_model, unet, vae = build_models(read_component_configs(cfg))
+    models = build_models(read_component_configs(cfg))
     f = root / "alone" / "model.safetensors"
     f.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in to_original_state_dict(te_model, unet, vae, "sd1").items()}, str(f))
+    save_file({k: v.contiguous() for k, v in models_to_original(models, "sd1").items()}, str(f))
     return f, cfg
 
 

@@ -38,6 +38,7 @@ def _sd(family: str = "sd1", in_ch: int = 4, vae: bool = True) -> dict[str, tupl
 
 SDXL_TE = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (10, 4),
            "conditioner.embedders.1.model.token_embedding.weight": (10, 4), U + "label_emb.0.0.weight": (8, 8)}
+VAE_KEYS = {"first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3), "first_stage_model.encoder.conv_in.weight": (8, 3, 3, 3)}
 REFINER_TE = {"conditioner.embedders.0.model.token_embedding.weight": (10, 4), U + "label_emb.0.0.weight": (8, 8)}
 
 # file stem -> (shapes, the message after "PATH: ")
@@ -47,9 +48,18 @@ CASES = {
     "instruct-pix2pix": (_sd("sd1", 8), "a Stable Diffusion 1.x instruct-pix2pix (image editing) checkpoint (8-channel UNet); "
                          "instruct-pix2pix is not supported yet"),
     "sd2-depth": (_sd("sd2", 5), "a Stable Diffusion 2.x depth-to-image checkpoint (5-channel UNet); depth-to-image is not supported yet"),
-    "sdxl-base": ({**_conv_in(4), **SDXL_TE}, "a Stable Diffusion XL base checkpoint; SDXL is not supported yet"),
-    "sdxl-refiner": ({**_conv_in(4), **REFINER_TE}, "a Stable Diffusion XL refiner checkpoint; SDXL is not supported yet"),
-    "sdxl-inpainting": ({**_conv_in(9), **SDXL_TE}, "a Stable Diffusion XL inpainting checkpoint (9-channel UNet); SDXL is not supported yet"),
+    "sdxl-base": ({**_conv_in(4), **SDXL_TE}, "a Stable Diffusion XL base checkpoint without VAE weights; pass --vae PATH "
+                  "(a VAE .safetensors or diffusers folder) to export it"),
+    "sdxl-refiner": ({**_conv_in(4), **REFINER_TE}, "a Stable Diffusion XL refiner checkpoint without VAE weights; pass "
+                     "--vae PATH (a VAE .safetensors or diffusers folder) to export it"),
+    "sdxl-inpainting": ({**_conv_in(9), **SDXL_TE, **VAE_KEYS},
+                        "a Stable Diffusion XL inpainting checkpoint (9-channel UNet); SDXL inpainting is not supported yet"),
+    "sdxl-pix2pix": ({**_conv_in(8), **SDXL_TE, **VAE_KEYS}, "a Stable Diffusion XL instruct-pix2pix (image editing) "
+                     "checkpoint (8-channel UNet); SDXL instruct-pix2pix is not supported yet"),
+    "sd3": ({U + "joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), U + "pos_embed": (1, 36864, 1536)},
+            "a Stable Diffusion 3 checkpoint (a diffusion transformer, not a UNet); Stable Diffusion 3 is not supported"),
+    "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "single_blocks.0.linear1.weight": (8, 8)},
+             "a Flux checkpoint (a diffusion transformer, not a UNet); Flux is not supported"),
     "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 8),
               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (8, 4),
               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()},
@@ -135,12 +145,20 @@ def test_diffusers_folder_of_an_unsupported_model(tmp_path, tiny_sd1_dir, in_ch,
 
 
 @pytest.mark.parametrize(("index", "message"), [
-    ({"_class_name": "StableDiffusionXLPipeline", "text_encoder": [], "text_encoder_2": []},
-     "a Stable Diffusion XL base model; SDXL is not supported yet"),
-    ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder_2": []},
-     "a Stable Diffusion XL refiner model; SDXL is not supported yet"),
+    ({"_class_name": "StableDiffusionXLInpaintPipeline", "text_encoder": [], "text_encoder_2": []},
+     "a Stable Diffusion XL inpainting model; SDXL inpainting is not supported yet"),
+    ({"_class_name": "StableDiffusionInstructPix2PixPipeline", "text_encoder": [], "unet": []},
+     "a Stable Diffusion instruct-pix2pix (image editing) model; instruct-pix2pix is not supported yet"),
+    ({"_class_name": "StableDiffusion3Pipeline", "text_encoder": [], "text_encoder_2": [], "transformer": []},
+     "a Stable Diffusion 3 model (a diffusion transformer, not a UNet); Stable Diffusion 3 is not supported"),
+    ({"_class_name": "FluxPipeline", "text_encoder": [], "text_encoder_2": [], "transformer": []},
+     "a Flux model (a diffusion transformer, not a UNet); Flux is not supported"),
+    ({"_class_name": "PixArtSigmaPipeline", "text_encoder": [], "transformer": []},
+     "a PixArtSigmaPipeline model (a diffusion transformer, not a UNet); PixArtSigmaPipeline is not supported"),
+    ({"_class_name": "StableDiffusionControlNetPipeline", "controlnet": [], "unet": []},
+     "a ControlNet pipeline (StableDiffusionControlNetPipeline); ControlNet is not supported yet"),
 ])
-def test_diffusers_folder_of_sdxl(tmp_path, index, message):
+def test_diffusers_folder_of_an_unsupported_pipeline(tmp_path, index, message):
     d = tmp_path / "xl"
     d.mkdir()
     (d / "model_index.json").write_text(json.dumps(index))

@@ -218,7 +218,8 @@ def test_pickle_weights_need_allow_pickle(sd1_copy):
         ("text_encoder/config.json", {"model_type": "t5"}, "only CLIP text encoders are supported"),
         ("scheduler/scheduler_config.json", {"prediction_type": "sample"}, "prediction_type 'sample': not supported"),
         ("model_index.json", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
-         "a Stable Diffusion XL base model; SDXL is not supported yet"),
+         "text_encoder_2: missing text_encoder_2 folder (a diffusers checkpoint needs text_encoder, text_encoder_2, unet, "
+         "vae, scheduler)"),
     ],
 )
 def test_unsupported_variants_are_refused(sd1_copy, file, changes, message):

@@ -16,6 +16,7 @@ from sdtrt.checkpoint.archs import arch_spec, build_models, family_of, read_comp
 from sdtrt.checkpoint.ldm_layout import (
     SD2_TEXT_PREFIX,
     canonical_clip_keys,
+    models_to_original,
     original_key_map,
     save_single_file,
     text_encoder_to_original,
@@ -69,8 +70,9 @@ def test_full_size_layouts_round_trip_in_shape(arch, n_keys):
     configs = read_component_configs(arch_spec(arch).config_dir)
     family = family_of(configs)
     with torch.device("meta"):
-        text_encoder, unet, vae = build_models(configs)
-    orig = to_original_state_dict(text_encoder, unet, vae, family)
+        models = build_models(configs)
+    text_encoder, unet, vae = models["text_encoder"], models["unet"], models["vae"]
+    orig = models_to_original(models, family)
     # The real SD 1.5 / 2.1 files: 1131 keys with position_ids / 1214 without OpenCLIP's 24th layer + projection.
     assert len(orig) == n_keys
     back = _back_to_diffusers(orig, text_encoder, configs, family)
@@ -129,7 +131,7 @@ def test_full_size_key_names_match_released_files(arch, expected):
     configs = read_component_configs(arch_spec(arch).config_dir)
     with torch.device("meta"):
         models = build_models(configs)
-    orig = to_original_state_dict(*models, family_of(configs))
+    orig = models_to_original(models, family_of(configs))
     assert {k: tuple(orig[k].shape) for k in expected if k in orig} == expected
     if arch == "sd21":
         assert not any(".resblocks.23." in k for k in orig)  # diffusers keeps 23 of OpenCLIP's 24 layers
@@ -163,10 +165,12 @@ def test_original_key_map_names_fused_tensors():
 
 def test_unmappable_tensors_are_refused(tiny_sd1_dir):
     ckpt = load_checkpoint(tiny_sd1_dir)
-    sd = dict(ckpt.unet.state_dict(), **{"add_embedding.linear_1.weight": torch.zeros(2, 2)})
-    with pytest.raises(CheckpointError, match=r"unet has 1 tensors with no place .* \(e.g. add_embedding.linear_1"):
+    sd = dict(ckpt.unet.state_dict(), **{"class_embedding.linear_1.weight": torch.zeros(2, 2)})
+    with pytest.raises(CheckpointError, match=r"unet has 1 tensors with no place .* \(e.g. class_embedding.linear_1"):
         unet_to_original(sd, layers_per_block=2)
-    with pytest.raises(UsageError, match="unknown model family 'sdxl'"):
+    with pytest.raises(UsageError, match="unknown model family 'sd3'"):
+        to_original_state_dict(ckpt.text_encoder, ckpt.unet, ckpt.vae, "sd3")
+    with pytest.raises(UsageError, match="a sdxl checkpoint needs its text_encoder_2"):
         to_original_state_dict(ckpt.text_encoder, ckpt.unet, ckpt.vae, "sdxl")
 
 

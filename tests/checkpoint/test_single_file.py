@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from sdtrt.checkpoint import load_checkpoint
 from sdtrt.checkpoint.archs import CONFIG_ROOT, arch_spec, build_models, family_of, read_component_configs
-from sdtrt.checkpoint.ldm_layout import save_single_file, to_original_state_dict
+from sdtrt.checkpoint.ldm_layout import models_to_original, save_single_file
 from sdtrt.checkpoint.model import Checkpoint
 from sdtrt.checkpoint.single_file import _known_candidates, _recognise, load_single_file
 from sdtrt.errors import CheckpointError
@@ -126,7 +126,8 @@ def test_config_dir_describes_a_custom_arch(tmp_path, tiny_sd1_dir):
     unet_cfg.write_text(json.dumps({**json.loads(unet_cfg.read_text()), **custom}))
     configs = read_component_configs(cfg_dir)
     torch.manual_seed(1)
-    te, unet, vae = build_models(configs)
+    models = build_models(configs)
+    te, unet, vae = models["text_encoder"], models["unet"], models["vae"]
     ref = Checkpoint(tmp_path, "diffusers", None, "sd1", te, None, unet, vae, configs["scheduler"])
     f = _with_tokenizer(tmp_path / "file", tiny_sd1_dir) / "custom.safetensors"
     save_single_file(ref, f)
@@ -176,7 +177,7 @@ def _full_size_state(arch: str) -> dict:
     """A meta-device state dict laid out as the released files are, extras included."""
     configs = read_component_configs(arch_spec(arch).config_dir)
     with torch.device("meta"):
-        state = to_original_state_dict(*build_models(configs), family_of(configs))
+        state = models_to_original(build_models(configs), family_of(configs))
         state.update(
             {"betas": torch.empty(1000), "alphas_cumprod": torch.empty(1000), "model_ema.decay": torch.empty(())}
         )
@@ -191,7 +192,7 @@ def _full_size_state(arch: str) -> dict:
 
 @pytest.mark.parametrize(("arch", "prediction"), [("sd15", "epsilon"), ("sd21", "v_prediction")])
 def test_full_size_layouts_are_recognised(arch, prediction):
-    cand = _recognise(Path(f"{arch}.safetensors"), _full_size_state(arch), _known_candidates())
+    cand = _recognise(Path(f"{arch}.safetensors"), _full_size_state(arch), _known_candidates(xl=False))
     assert cand.name == arch and cand.configs["scheduler"]["prediction_type"] == prediction
 
 
@@ -200,7 +201,7 @@ def test_full_size_near_miss_names_the_closest():
     key = "model.diffusion_model.middle_block.1.proj_out.weight"
     state[key] = torch.empty(1280, 1280, device="meta")  # 2.x-style linear projection in a 1.x file
     with pytest.raises(CheckpointError) as e:
-        _recognise(Path("x.safetensors"), state, _known_candidates())
+        _recognise(Path("x.safetensors"), state, _known_candidates(xl=False))
     assert (
         f"(closest: sd15, 1 mismatched tensor, e.g. {key}: got shape (1280, 1280), expected (1280, 1280, 1, 1))"
         in str(e.value)
