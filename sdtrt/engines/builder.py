@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sdtrt.engines import compat
 from sdtrt.engines.compat import Environment, Flavour
-from sdtrt.engines.profiles import BuildSpec, component_profile
+from sdtrt.engines.profiles import BuildSpec, component_profile, dynamic_sides
 from sdtrt.engines.sidecar import (
     current_environment,
     engine_path,
@@ -120,7 +120,8 @@ def build_engines(workdir: str | Path, spec: BuildSpec, *, components: Iterable[
     workdir = Path(workdir)
     manifest = read_manifest(workdir)
     names = select_components(manifest, components)
-    spec = replace(spec, profile=spec.profile.resolved(int(manifest["model"]["default_size"])))
+    model = manifest["model"]
+    spec = replace(spec, profile=spec.profile.resolved(int(model["default_size"]), dynamic_sides(model)))
     vae_scale = int(manifest["model"]["vae_scale_factor"])
     for name in names:  # every profile is valid for this model before any heavy work
         component_profile(name, manifest["components"][name], spec.profile, vae_scale)

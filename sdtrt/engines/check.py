@@ -24,6 +24,7 @@ import torch
 from sdtrt.engines.sidecar import read_sidecar
 from sdtrt.errors import UsageError
 from sdtrt.export.manifest import read_manifest
+from sdtrt.export.spec import TOKENIZER_DIRS
 from sdtrt.export.validate import METRICS, TOLERANCES, OutputError
 from sdtrt.runtime.backends.base import resolve_shape
 
@@ -68,8 +69,8 @@ def tolerance_row(precision: str, flags: Iterable[str]) -> str:
 
 
 def random_inputs(entry: Mapping, dims: Mapping[str, int], seed: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """Seeded inputs like the exporter's checks: token ids below ``vocab_size``, pixels 0..255, a timestep in
-    1..999, standard normal floats rounded to the graph's dtype."""
+    """Seeded inputs like the exporter's checks: token ids below ``vocab_size``, pixels 0..255, a timestep and
+    SDXL's time ids (sizes in px) in 1..999, standard normal floats rounded to the graph's dtype."""
     rng = np.random.default_rng(seed)
     out = {}
     for spec in entry["inputs"]:
@@ -79,7 +80,7 @@ def random_inputs(entry: Mapping, dims: Mapping[str, int], seed: int, vocab_size
             arr = rng.integers(0, vocab_size, size=shape)
         elif dtype == "uint8":
             arr = rng.integers(0, 256, size=shape)
-        elif spec["name"] == "timestep":
+        elif spec["name"] in ("timestep", "time_ids"):
             arr = rng.integers(1, 1000, size=shape).astype(np.float32)
         else:
             arr = rng.standard_normal(size=shape)
@@ -128,10 +129,12 @@ def _run(runner: Any, dims: Mapping[str, int], feeds: Mapping[str, np.ndarray]) 
         return {name: t.cpu().numpy().copy() for name, t in runner.outputs.items()}
 
 
-def _vocab_size(workdir: Path) -> int:
+def _vocab_size(workdir: Path, component: str) -> int:
+    """Token ids ``component`` can embed (its tokenizer's vocabulary); 1 for graphs without token ids."""
     from sdtrt.checkpoint.tokenizer import load_tokenizer
 
-    return len(load_tokenizer(workdir / "tokenizer"))
+    folder = TOKENIZER_DIRS.get(component)
+    return len(load_tokenizer(workdir / folder)) if folder is not None else 1
 
 
 def check_engines(workdir: str | Path, *, seed: int = 0, components: Iterable[str] | None = None) -> CheckReport:
@@ -147,13 +150,12 @@ def check_engines(workdir: str | Path, *, seed: int = 0, components: Iterable[st
     missing = [n for n in names if n not in trt.components]
     if missing:
         raise UsageError(f"{workdir}: no engine for {', '.join(missing)}; build it with `sdtrt build {workdir}`")
-    vocab = _vocab_size(workdir) if "text_encoder" in names else 1
     results = []
     for i, name in enumerate(names):
         entry = manifest["components"][name]
         sidecar = read_sidecar(workdir, name)
         dims = trt.profile(name).dims("opt")
-        feeds = random_inputs(entry, dims, seed + i, vocab)
+        feeds = random_inputs(entry, dims, seed + i, _vocab_size(workdir, name))
         got = _run(trt.runner(name), dims, feeds)
         want = _run(ort.runner(name), dims, feeds)
         row = tolerance_row(entry["precision"], sidecar.get("flags", []))

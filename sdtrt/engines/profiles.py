@@ -1,16 +1,20 @@
 """Optimization profiles: what shapes an engine is built for, from the manifest's symbolic shapes.
 
 Axis names in the manifest are a coefficient and a letter: ``B`` (images), ``2B`` (UNet rows: ``[uncond; cond]``
-under classifier-free guidance), ``H``/``W`` (latent sides, pixels / ``vae_scale_factor``) and ``8H``/``8W``
-(pixel sides). One profile per build:
+under classifier-free guidance), ``H``/``W`` (latent sides, pixels / ``vae_scale_factor``), ``8H``/``8W``
+(pixel sides) and ``77T`` (the UNet's text length: T prompt chunks of 77 tokens). One profile per build:
 
 * ``--static`` (the default; fastest, and what whole-loop CUDA graphs want): every axis at exactly ``--batch``,
   ``--height``, ``--width`` -- except the UNet's CFG rows, which span ``B..2B`` (min ``B``: a request with
   guidance <= 1 runs ``B`` rows; opt = max = ``2B``, the CFG case the engine is tuned for), and the text
-  encoder, which the pipeline runs on one prompt at a time, so batch 1.
+  encoders, which the pipeline runs on one prompt chunk at a time, so batch 1.
 * ``--dynamic``: batch ``1..--max-batch`` (UNet rows ``1..2*max-batch``), sides ``--min-side..--max-side`` px
-  (256..1024 by default, widened to include the opt size), opt at ``--batch``/``--height``/``--width``; the text
-  encoder batch ``1..max-batch`` with opt 1.
+  (the family's range by default, ``DYNAMIC_SIDES``: 256..1024 for SD, 512..1536 for SDXL, widened to include
+  the opt size), opt at ``--batch``/``--height``/``--width``; the text encoders batch ``1..max-batch`` with opt 1.
+
+Either way the UNet's text axis spans ``1..--max-chunks`` prompt chunks (opt 1): long prompts are the exception,
+and a prompt of more chunks than the engine was built for is refused with a ``ShapeError`` naming the range.
+Workdirs exported before the text axis (a fixed 77) have no such axis, and their profiles are unchanged.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ from sdtrt.errors import ShapeError, UsageError
 DEFAULT_MAX_BATCH = 4
 DEFAULT_MIN_SIDE = 256
 DEFAULT_MAX_SIDE = 1024
+#: --dynamic's default side range (px) by the manifest's model family; others get DEFAULT_MIN_SIDE..DEFAULT_MAX_SIDE
+DYNAMIC_SIDES: dict[str, tuple[int, int]] = {"sdxl": (512, 1536), "sdxl-refiner": (512, 1536)}
+DEFAULT_MAX_CHUNKS = 3  # 225 tokens: most long prompts, at 3x the cross-attention keys of a short one
+MAX_CHUNKS = 8
+CHUNK_TOKENS = 75  # a chunk's tokens between its start and end tokens (77 in all)
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default
 MAX_SIDE = 2048
 MAX_BATCH = 64
 SIDE_MULTIPLE = 8
-ONE_PROMPT = ("text_encoder",)  # components the pipeline runs on one prompt at a time
+ONE_PROMPT = ("text_encoder", "text_encoder_2")  # components the pipeline runs on one prompt chunk at a time
 
 _AXIS = re.compile(r"^(\d*)([A-Z])$")
 
@@ -51,9 +60,11 @@ class ProfileSpec:
     max_batch: int | None = None  # --dynamic only (default DEFAULT_MAX_BATCH, at least batch)
     min_side: int | None = None  # --dynamic only, px
     max_side: int | None = None  # --dynamic only, px
+    max_chunks: int = DEFAULT_MAX_CHUNKS  # the UNet's text axis: 1..max_chunks prompt chunks, static or dynamic
 
     def __post_init__(self) -> None:
         _check_int("batch", self.batch, 1, MAX_BATCH)
+        _check_int("max_chunks", self.max_chunks, 1, MAX_CHUNKS)
         for name in ("height", "width", "min_side", "max_side"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), SIDE_MULTIPLE, MAX_SIDE, SIDE_MULTIPLE)
@@ -74,8 +85,9 @@ class ProfileSpec:
             if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
                 raise UsageError(f"--{name} {v} is outside --min-side..--max-side ({lo or '-'}..{hi or '-'} px)")
 
-    def resolved(self, default_size: int) -> ProfileSpec:
-        """Every None filled in: native size for height/width, the documented defaults for the dynamic range."""
+    def resolved(self, default_size: int, sides: tuple[int, int] = (DEFAULT_MIN_SIDE, DEFAULT_MAX_SIDE)) -> ProfileSpec:
+        """Every None filled in: native size for height/width, ``sides`` (the family's default range, px, see
+        ``dynamic_sides``) widened to include them for the dynamic range."""
         h = self.height if self.height is not None else int(default_size)
         w = self.width if self.width is not None else int(default_size)
         if self.static:
@@ -85,8 +97,8 @@ class ProfileSpec:
             height=h,
             width=w,
             max_batch=self.max_batch if self.max_batch is not None else max(DEFAULT_MAX_BATCH, self.batch),
-            min_side=self.min_side if self.min_side is not None else min(DEFAULT_MIN_SIDE, h, w),
-            max_side=self.max_side if self.max_side is not None else max(DEFAULT_MAX_SIDE, h, w),
+            min_side=self.min_side if self.min_side is not None else min(sides[0], h, w),
+            max_side=self.max_side if self.max_side is not None else max(sides[1], h, w),
         )
 
     def cli_args(self) -> list[str]:
@@ -99,7 +111,14 @@ class ProfileSpec:
         for name in ("max_batch", "min_side", "max_side"):
             if getattr(self, name) is not None:
                 args += [f"--{name.replace('_', '-')}", str(getattr(self, name))]
+        if self.max_chunks != DEFAULT_MAX_CHUNKS:
+            args += ["--max-chunks", str(self.max_chunks)]
         return args
+
+
+def dynamic_sides(model: Mapping[str, Any]) -> tuple[int, int]:
+    """--dynamic's default side range (px) for a manifest's ``model`` (by its family)."""
+    return DYNAMIC_SIDES.get(str(model.get("family")), (DEFAULT_MIN_SIDE, DEFAULT_MAX_SIDE))
 
 
 @dataclass(frozen=True)
@@ -197,8 +216,8 @@ class ComponentProfile:
 def parse_axis(name: str) -> tuple[int, str]:
     """``"2B"`` -> ``(2, "B")``, ``"H"`` -> ``(1, "H")``."""
     m = _AXIS.match(name)
-    if not m or m.group(2) not in "BHW":
-        raise ShapeError(f"unknown axis {name!r} in the manifest (expected B, 2B, H, W, 8H, 8W)")
+    if not m or m.group(2) not in "BHWT":
+        raise ShapeError(f"unknown axis {name!r} in the manifest (expected B, 2B, H, W, 8H, 8W, 77T)")
     return int(m.group(1) or 1), m.group(2)
 
 
@@ -206,9 +225,18 @@ def _resolve(shape: list, dims: Mapping[str, int]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else dims[d] for d in shape)
 
 
+def _chunks(v: int, coef: int) -> str:
+    n = v / coef
+    return f"{n:g} prompt chunk{'' if n == 1 else 's'}"
+
+
 def _axis_text(name: str, lo: int, hi: int, scale: int) -> str:
     coef, letter = parse_axis(name)
     rng = f"{lo}" if lo == hi else f"{lo}..{hi}"
+    if letter == "T":
+        chunks = f"{lo // coef}" if lo == hi else f"{lo // coef}..{hi // coef}"
+        return (f"{name} {rng} ({chunks} prompt chunks of {CHUNK_TOKENS} tokens: "
+                f"built with --max-chunks {hi // coef})")
     if letter == "B":
         return f"{name} {rng}" + (" (rows: CFG runs 2B, guidance <= 1 runs B)" if coef > 1 else "")
     if coef == 1:
@@ -219,6 +247,8 @@ def _axis_text(name: str, lo: int, hi: int, scale: int) -> str:
 
 def _value_text(name: str, v: int, scale: int) -> str:
     coef, letter = parse_axis(name)
+    if letter == "T":
+        return f"{name} = {v} ({_chunks(v, coef)})"
     return f"{name} = {v}" + (f" ({v * scale} px)" if letter != "B" and coef == 1 else "")
 
 
@@ -254,6 +284,8 @@ def component_profile(component: str, entry: Mapping, profile: ProfileSpec, vae_
         coef, letter = parse_axis(name)
         if letter == "B":
             lo, opt, hi = _batch_range(component, coef, profile)
+        elif letter == "T":  # one prompt chunk is the common case: tuned for it
+            lo, opt, hi = coef, coef, coef * profile.max_chunks
         else:
             lo, opt, hi = _side_range(coef, profile.height if letter == "H" else profile.width, profile, vae_scale)
         axes.append(AxisRange(name, lo, opt, hi))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,19 +20,29 @@ class TensorSpec:
     dtype: str  # "float", "int32", "uint8"; "float" is fp16 or fp32 by the component's precision
 
 
+class CheckSize(NamedTuple):
+    """One shape to trace or check a component at: ``batch`` images of ``height`` x ``width`` px, with prompts of
+    ``chunks`` 75-token chunks (the UNet's text axis is 77 * chunks long; other graphs ignore it)."""
+
+    batch: int
+    height: int
+    width: int
+    chunks: int = 1
+
+
 @dataclass(frozen=True)
 class ComponentExport:
-    """One graph to export: ``module`` maps ``inputs`` to ``outputs`` (torch, fp32); ``make_inputs(batch, height,
-    width, generator)`` builds example inputs for an image of ``height``x``width`` px (the trace uses the first of
-    ``check_sizes``; validation runs every one of them, so dynamic axes are exercised on a second shape)."""
+    """One graph to export: ``module`` maps ``inputs`` to ``outputs`` (torch, fp32); ``make_inputs(size,
+    generator)`` builds example inputs at one ``CheckSize`` (the trace uses the first of ``check_sizes``; validation
+    runs every one of them, so dynamic axes are exercised on a second shape)."""
 
     name: str
     module: torch.nn.Module
     io: GraphIO
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    make_inputs: Callable[[int, int, int, torch.Generator], tuple[torch.Tensor, ...]]
-    check_sizes: tuple[tuple[int, int, int], ...]  # (batch, height px, width px)
+    make_inputs: Callable[[CheckSize, torch.Generator], tuple[torch.Tensor, ...]]
+    check_sizes: tuple[CheckSize, ...]
 
 
 def dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:

@@ -22,43 +22,16 @@ from tqdm.auto import tqdm
 
 import sdtrt
 from sdtrt.checkpoint.model import Checkpoint
-from sdtrt.export.clip import MAX_LENGTH, text_encoder_export
 from sdtrt.export.component import ComponentExport
 from sdtrt.export.graph import export_graph, release_memory
 from sdtrt.export.manifest import FORMAT_VERSION, MANIFEST
-from sdtrt.export.spec import ExportSpec
-from sdtrt.export.unet import unet_export
-from sdtrt.export.vae import vae_decoder_export, vae_encoder_export, vae_scale_factor
+from sdtrt.export.modules import component_exports, model_info
+from sdtrt.export.spec import TOKENIZER_DIRS, ExportSpec
 from sdtrt.export.validate import compare_with_onnx, raise_if_failed, reference_cases
 from sdtrt.fsutil import sha256_file, write_json_atomic
 from sdtrt.lora.targets import LORA_ROOTS, fingerprint, map_initializers
 
 log = logging.getLogger(__name__)
-
-
-def _components(ckpt: Checkpoint, names: tuple[str, ...]) -> list[ComponentExport]:
-    s = vae_scale_factor(ckpt)
-    makers = {
-        "text_encoder": lambda: text_encoder_export(ckpt),
-        "unet": lambda: unet_export(ckpt, s),
-        "vae_decoder": lambda: vae_decoder_export(ckpt),
-        "vae_encoder": lambda: vae_encoder_export(ckpt),
-    }
-    return [makers[n]() for n in names]
-
-
-def _model_info(ckpt: Checkpoint) -> dict[str, Any]:
-    """What the manifest says of the model (its configs, not its weights)."""
-    return {
-        "family": ckpt.family,
-        "prediction_type": ckpt.prediction_type,
-        "vae_scale_factor": vae_scale_factor(ckpt),
-        "vae_scaling_factor": float(ckpt.vae.config.scaling_factor),
-        "latent_channels": int(ckpt.unet.config.in_channels),
-        "text_hidden_size": int(ckpt.text_encoder.config.hidden_size),
-        "max_length": MAX_LENGTH,
-        "default_size": int(ckpt.unet.config.sample_size) * vae_scale_factor(ckpt),
-    }
 
 
 def _versions() -> dict[str, str]:
@@ -115,25 +88,27 @@ def _release(done: ComponentExport, later: list[ComponentExport]) -> None:
 
 def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *, progress: bool = True,
                       load_options: dict[str, Any] | None = None, release: bool = False) -> dict[str, Any]:
-    """Export ``spec.components`` of ``ckpt`` into ``workdir``; returns the manifest written. ``load_options``
+    """Export ``spec.components`` of ``ckpt`` (default: every component of its family) into ``workdir``; returns the manifest written. ``load_options``
     (``config_dir``, ``allow_pickle``) are how the checkpoint was loaded, recorded so the torch backend can load
     it the same way. ``release``: the caller hands ``ckpt`` over: each torch module's weights are freed once its
     graph is traced and its references computed (a full-size export then holds one model at a time), and ``ckpt``
     must not be used afterwards."""
+    spec = spec.resolved(ckpt.family)  # checked before any file is written
+    info = model_info(ckpt)  # read before any module is released
+    tokenizer_dirs = [TOKENIZER_DIRS[n] for n in info["text_encoders"]]
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=workdir))
     try:
-        comps = _components(ckpt, spec.components)
+        comps = component_exports(ckpt, spec.components)
         entries: dict[str, Any] = {}
         bar = tqdm(total=len(comps) * (2 if spec.validate else 1), desc="export", unit="step", disable=not progress)
-        model_info = _model_info(ckpt)  # read before any module is released
         for i, comp in enumerate(comps):
             precision = spec.precision_of(comp.name)
             bar.set_description(f"export {comp.name} ({precision})")
             # the torch references first: with ``release`` the module is gone before ONNX Runtime loads the graph
             cases = reference_cases(comp, precision) if spec.validate else []
-            trace_args = comp.make_inputs(*comp.check_sizes[0], torch.Generator().manual_seed(0))
+            trace_args = comp.make_inputs(comp.check_sizes[0], torch.Generator().manual_seed(0))
             later = comps[i + 1:]
             # LoRA map: the weights' digests now (the module may be freed once traced), matched in the final graph
             lora: dict[str, Any] = {}
@@ -170,7 +145,8 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
             release_memory()  # ONNX Runtime's session and the torch activations of this component
         bar.close()
 
-        ckpt.tokenizer.save_pretrained(str(staging / "tokenizer"))
+        for sub in tokenizer_dirs:  # the family's tokenizers, whichever components this call exports
+            getattr(ckpt, sub).save_pretrained(str(staging / sub))
         (staging / "scheduler").mkdir()
         (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(ckpt.scheduler_config, indent=2) + "\n")
 
@@ -181,7 +157,7 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
             "versions": _versions(),
             "opset": spec.opset,
             "precision": {"default": spec.precision, "vae": spec.vae_precision or spec.precision},
-            "model": model_info,
+            "model": info,
             "components": entries,
         }
 
@@ -197,10 +173,11 @@ def export_checkpoint(ckpt: Checkpoint, workdir: str | Path, spec: ExportSpec, *
                 stale.unlink()
             for f in entry["files"]:
                 os.replace(staging / f["path"], workdir / f["path"])
-        for sub in ("tokenizer", "scheduler"):
+        for sub in (*TOKENIZER_DIRS.values(), "scheduler"):  # another family's tokenizer folders go too
             if (workdir / sub).exists():
                 shutil.rmtree(workdir / sub)
-            os.replace(staging / sub, workdir / sub)
+            if (staging / sub).exists():
+                os.replace(staging / sub, workdir / sub)
         write_json_atomic(workdir / MANIFEST, manifest)
         return manifest
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sdtrt.checkpoint.model import Checkpoint
-from sdtrt.export.component import ComponentExport, TensorSpec, graph_io
+from sdtrt.export.component import CheckSize, ComponentExport, TensorSpec, graph_io
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -56,47 +56,51 @@ class VaeEncoderGraph(torch.nn.Module):
 
 
 def vae_scale_factor(ckpt: Checkpoint) -> int:
-    return 2 ** (len(ckpt.vae.config.block_out_channels) - 1)
+    return _scale(ckpt.vae)
 
 
-def vae_decoder_export(ckpt: Checkpoint) -> ComponentExport:
-    ch = ckpt.vae.config.latent_channels
-    s = vae_scale_factor(ckpt)
+def _scale(vae: torch.nn.Module) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_decoder_export(module: VaeDecoderGraph) -> ComponentExport:
+    ch = module.vae.config.latent_channels
+    s = _scale(module.vae)
     inputs = (TensorSpec("latent", ("B", ch, "H", "W"), "float"),)
     outputs = (TensorSpec("image", ("B", f"{s}H", f"{s}W", 3), "uint8"), TensorSpec("finite", ("B",), "bool"))
 
-    def make_inputs(batch: int, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(batch, ch, height // s, width // s, generator=gen),)
+    def make_inputs(size: CheckSize, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(size.batch, ch, size.height // s, size.width // s, generator=gen),)
 
     return ComponentExport(
         name="vae_decoder",
-        module=VaeDecoderGraph(ckpt.vae).eval(),
+        module=module.eval(),
         io=graph_io(inputs, outputs),
         inputs=inputs,
         outputs=outputs,
         make_inputs=make_inputs,
-        check_sizes=((1, 8 * s, 8 * s), (2, 6 * s, 10 * s)),
+        check_sizes=(CheckSize(1, 8 * s, 8 * s), CheckSize(2, 6 * s, 10 * s)),
     )
 
 
-def vae_encoder_export(ckpt: Checkpoint) -> ComponentExport:
-    ch = ckpt.vae.config.latent_channels
-    s = vae_scale_factor(ckpt)
+def vae_encoder_export(module: VaeEncoderGraph) -> ComponentExport:
+    ch = module.vae.config.latent_channels
+    s = _scale(module.vae)
     inputs = (TensorSpec("image", ("B", f"{s}H", f"{s}W", 3), "uint8"),)
     outputs = (
         TensorSpec("latent_mean", ("B", ch, "H", "W"), "float"),
         TensorSpec("latent_std", ("B", ch, "H", "W"), "float"),
     )
 
-    def make_inputs(batch: int, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.randint(0, 256, (batch, height, width, 3), generator=gen, dtype=torch.uint8),)
+    def make_inputs(size: CheckSize, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, 256, (size.batch, size.height, size.width, 3), generator=gen, dtype=torch.uint8),)
 
     return ComponentExport(
         name="vae_encoder",
-        module=VaeEncoderGraph(ckpt.vae).eval(),
+        module=module.eval(),
         io=graph_io(inputs, outputs),
         inputs=inputs,
         outputs=outputs,
         make_inputs=make_inputs,
-        check_sizes=((1, 8 * s, 8 * s), (2, 6 * s, 10 * s)),
+        check_sizes=(CheckSize(1, 8 * s, 8 * s), CheckSize(2, 6 * s, 10 * s)),
     )

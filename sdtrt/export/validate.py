@@ -86,8 +86,8 @@ def reference_cases(comp: ComponentExport, precision: str, seed: int = 0) -> lis
     exporter that owns the checkpoint can free the module before ONNX Runtime loads the graph."""
     gen = torch.Generator().manual_seed(seed)
     cases = []
-    for batch, height, width in comp.check_sizes:
-        args = comp.make_inputs(batch, height, width, gen)
+    for size in comp.check_sizes:
+        args = comp.make_inputs(size, gen)
         feeds: dict[str, np.ndarray] = {}
         torch_args = []
         for spec, value in zip(comp.inputs, args, strict=True):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_manifests import sd15_manifest
+from engine_manifests import sd15_manifest, sdxl_manifest
 
 from sdtrt.engines.profiles import (
     AxisRange,
@@ -12,6 +12,7 @@ from sdtrt.engines.profiles import (
     ProfileSpec,
     check_shape,
     component_profile,
+    dynamic_sides,
     parse_axis,
 )
 from sdtrt.errors import ShapeError, UsageError
@@ -160,8 +161,9 @@ def test_parse_axis():
     assert parse_axis("2B") == (2, "B")
     assert parse_axis("H") == (1, "H")
     assert parse_axis("8W") == (8, "W")
-    with pytest.raises(ShapeError, match="unknown axis 'T'"):
-        parse_axis("T")
+    assert parse_axis("77T") == (77, "T")
+    with pytest.raises(ShapeError, match=r"unknown axis 'Q' in the manifest \(expected B, 2B, H, W, 8H, 8W, 77T\)"):
+        parse_axis("Q")
 
 
 def test_profiles_from_a_real_export(sd1_workdir_fp32):
@@ -174,6 +176,88 @@ def test_profiles_from_a_real_export(sd1_workdir_fp32):
     shapes = {c: component_profile(c, e, spec, 8).input_shapes(e) for c, e in m["components"].items()}
     hidden = m["model"]["text_hidden_size"]
     assert shapes["unet"]["sample"] == ((1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8))
-    assert shapes["unet"]["encoder_hidden_states"] == ((1, 77, hidden), (2, 77, hidden), (2, 77, hidden))
+    # every family's UNet has the text axis: 1 prompt chunk tuned, --max-chunks (3) at most
+    assert shapes["unet"]["encoder_hidden_states"] == ((1, 77, hidden), (2, 77, hidden), (2, 231, hidden))
     assert shapes["vae_encoder"]["image"] == ((1, 64, 64, 3),) * 3
     assert shapes["text_encoder"]["input_ids"] == ((1, 77),) * 3
+
+
+XL = sdxl_manifest()
+
+
+def _xl(component: str, spec: ProfileSpec, manifest=XL):
+    entry = manifest["components"][component]
+    prof = component_profile(component, entry, spec.resolved(1024, dynamic_sides(manifest["model"])), 8)
+    return prof, prof.input_shapes(entry)
+
+
+def test_unet_text_axis_spans_1_to_max_chunks_prompt_chunks():
+    prof, s = _xl("unet", ProfileSpec())
+    assert s["encoder_hidden_states"] == ((1, 77, 2048), (2, 77, 2048), (2, 231, 2048))  # 1 chunk tuned, 3 at most
+    assert s["text_embeds"] == ((1, 1280), (2, 1280), (2, 1280))
+    assert s["time_ids"] == ((1, 6), (2, 6), (2, 6))
+    assert s["sample"] == ((1, 4, 128, 128), (2, 4, 128, 128), (2, 4, 128, 128))
+    assert prof.dims("max") == {"2B": 2, "H": 128, "W": 128, "77T": 231}
+    _, s = _xl("unet", ProfileSpec(max_chunks=1))
+    assert s["encoder_hidden_states"] == ((1, 77, 2048), (2, 77, 2048), (2, 77, 2048))  # fully static
+    _, s = _xl("unet", ProfileSpec(static=False, max_chunks=8))
+    assert s["encoder_hidden_states"] == ((1, 77, 2048), (2, 77, 2048), (8, 616, 2048))
+    # an export from before the text axis (a fixed 77) builds as it did
+    _, s = _shapes("unet", ProfileSpec(max_chunks=8))
+    assert s["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (2, 77, 768))
+
+
+def test_both_sdxl_text_encoders_run_one_prompt_chunk_at_a_time():
+    for c in ("text_encoder", "text_encoder_2"):
+        assert _xl(c, ProfileSpec(batch=4))[1]["input_ids"] == ((1, 77),) * 3
+        assert _xl(c, ProfileSpec(static=False))[1]["input_ids"] == ((1, 77), (1, 77), (4, 77))
+    assert _xl("text_encoder_2", ProfileSpec())[0].dims("max") == {"B": 1}
+
+
+def test_dynamic_side_range_comes_from_the_family():
+    assert dynamic_sides(XL["model"]) == (512, 1536) == dynamic_sides(sdxl_manifest(family="sdxl-refiner")["model"])
+    assert dynamic_sides(M["model"]) == (256, 1024)  # an SD manifest (older ones name no family at all)
+    assert dynamic_sides({"family": "sd2"}) == (256, 1024)
+    _, s = _xl("unet", ProfileSpec(static=False))
+    assert s["sample"] == ((1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192))
+    _, s = _xl("vae_decoder", ProfileSpec(static=False))
+    assert s["latent"] == ((1, 4, 64, 64), (1, 4, 128, 128), (4, 4, 192, 192))
+    # widened to include a smaller native size (tiny-sdxl: 64 px) or an explicit opt size
+    assert ProfileSpec(static=False).resolved(64, (512, 1536)).min_side == 64
+    assert ProfileSpec(static=False, min_side=256).resolved(1024, (512, 1536)).min_side == 256
+
+
+@pytest.mark.parametrize("value", [0, 9, -1, "3"])
+def test_max_chunks_validation(value):
+    with pytest.raises(UsageError) as e:
+        ProfileSpec(max_chunks=value)
+    assert str(e.value) == f"--max-chunks must be an integer between 1 and 8, got {value!r}"
+
+
+def test_max_chunks_is_recorded_and_reconstructed():
+    spec = BuildSpec(profile=ProfileSpec(max_chunks=5).resolved(1024))
+    assert spec.settings()["profile"]["max_chunks"] == 5  # what the sidecar records
+    assert spec.cli_args()[-2:] == ["--max-chunks", "5"]
+    assert BuildSpec.from_settings(spec.settings()) == spec
+    # sidecars from before --max-chunks read as the default
+    old = spec.settings()
+    del old["profile"]["max_chunks"]
+    assert BuildSpec.from_settings(old).profile.max_chunks == 3
+
+
+def test_a_prompt_longer_than_the_engine_takes_is_refused_with_its_range():
+    prof, _ = _xl("unet", ProfileSpec())
+    for chunks in (1, 2, 3):
+        check_shape(prof, {"2B": 2, "H": 128, "W": 128, "77T": 77 * chunks})
+    with pytest.raises(ShapeError) as e:
+        check_shape(prof, {"2B": 2, "H": 128, "W": 128, "77T": 308}, "rebuild")
+    assert str(e.value) == (
+        "the unet engine cannot run this shape: 77T = 308 (4 prompt chunks) is outside 77T 77..231 (1..3 prompt "
+        "chunks of 75 tokens: built with --max-chunks 3) (built for 2B 1..2 (rows: CFG runs 2B, guidance <= 1 runs "
+        "B), H 128 (1024 px), W 128 (1024 px), 77T 77..231 (1..3 prompt chunks of 75 tokens: built with "
+        "--max-chunks 3)); rebuild")
+    with pytest.raises(ShapeError, match="unet: no size given for axis '77T'"):
+        check_shape(prof, {"2B": 2, "H": 128, "W": 128})
+    # an engine of an export from before the text axis ignores the size the pipeline passes for it
+    old, _ = _shapes("unet", ProfileSpec())
+    check_shape(old, {"2B": 2, "H": 64, "W": 64, "77T": 154})

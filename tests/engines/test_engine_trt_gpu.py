@@ -16,7 +16,9 @@ from sdtrt.engines.check import check_engines, format_report
 from sdtrt.engines.profiles import BuildSpec, ProfileSpec
 from sdtrt.engines.sidecar import engine_path, sidecar_path, timing_cache_path
 from sdtrt.errors import EngineError, ShapeError
-from sdtrt.export.spec import COMPONENTS
+from sdtrt.export.spec import FAMILIES
+
+COMPONENTS = FAMILIES["sd1"].components
 
 pytestmark = [
     pytest.mark.tensorrt,

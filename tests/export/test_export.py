@@ -15,8 +15,10 @@ from sdtrt.errors import ExportError
 from sdtrt.export import validate
 from sdtrt.export.manifest import read_manifest
 from sdtrt.export.pipeline import export_checkpoint
-from sdtrt.export.spec import COMPONENTS, ExportSpec
+from sdtrt.export.spec import FAMILIES, ExportSpec
 from sdtrt.fsutil import sha256_file
+
+COMPONENTS = FAMILIES["sd1"].components  # the tiny SD workdirs (sd2 has the same)
 
 
 def _values(manifest, component):

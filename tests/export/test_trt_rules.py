@@ -14,8 +14,10 @@ from sdtrt.checkpoint.loader import load_checkpoint
 from sdtrt.errors import ExportError
 from sdtrt.export import vae
 from sdtrt.export.pipeline import export_checkpoint
-from sdtrt.export.spec import COMPONENTS, ExportSpec
+from sdtrt.export.spec import FAMILIES, ExportSpec
 from sdtrt.export.trt_rules import check_trt_rules, find_violations
+
+COMPONENTS = FAMILIES["sd1"].components  # the tiny SD workdirs
 
 FLOAT16, UINT8 = TensorProto.FLOAT16, TensorProto.UINT8
 

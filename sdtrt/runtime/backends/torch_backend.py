@@ -36,9 +36,7 @@ class TorchBackend:
 
     def __init__(self, workdir: Path, manifest: Mapping, device: torch.device) -> None:
         from sdtrt.checkpoint.loader import load_checkpoint
-        from sdtrt.export.clip import TextEncoderGraph
-        from sdtrt.export.unet import UNetGraph
-        from sdtrt.export.vae import VaeDecoderGraph, VaeEncoderGraph
+        from sdtrt.export.modules import graph_modules
 
         source = Path(manifest["source"]["path"])
         if not source.exists():
@@ -52,13 +50,8 @@ class TorchBackend:
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.capturable = device.type == "cuda"
         self._manifest = manifest
-        wrappers = {
-            "text_encoder": lambda: TextEncoderGraph(ckpt.text_encoder),
-            "unet": lambda: UNetGraph(ckpt.unet),
-            "vae_decoder": lambda: VaeDecoderGraph(ckpt.vae),
-            "vae_encoder": lambda: VaeEncoderGraph(ckpt.vae),
-        }
-        self._modules = {n: w().eval().to(device=device, dtype=self.dtype) for n, w in wrappers.items()}
+        # the exporter's own wrappers (sdtrt.export.modules), so both compute the same graphs
+        self._modules = {n: m.eval().to(device=device, dtype=self.dtype) for n, m in graph_modules(ckpt).items()}
         # diffusers keeps the sinusoidal timestep projection in fp32 itself; nothing else to special-case.
         self.source = ckpt
         self._base: dict[tuple[str, str], torch.Tensor] = {}  # base weights of the modules a LoRA changed now
