@@ -88,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir", type=Path, metavar="WORKDIR")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16")
     p.add_argument("--vae-precision", choices=PRECISIONS, default=None,
-                   help="precision of the VAE graphs (default: --precision); fp32 for VAEs that overflow in fp16")
-    p.add_argument("--components", default=",".join(COMPONENTS), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(COMPONENTS)}")
+                   help="precision of the VAE graphs (default: fp32 for SDXL, whose VAE overflows in fp16, else "
+                        "--precision)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: every one the model has)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
     _checkpoint_flags(p)
@@ -108,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=None, help="--dynamic only (default 4)")
-    p.add_argument("--min-side", type=int, default=None, help="--dynamic only, px (default 256)")
-    p.add_argument("--max-side", type=int, default=None, help="--dynamic only, px (default 1024)")
+    p.add_argument("--min-side", type=int, default=None, help="--dynamic only, px (default 256; SDXL 512)")
+    p.add_argument("--max-side", type=int, default=None, help="--dynamic only, px (default 1024; SDXL 1536)")
+    p.add_argument("--max-chunks", type=int, default=3, metavar="N",
+                   help="longest prompt the UNet engine takes, in 75-token chunks, 1..8 (default 3)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
     p.add_argument("--workspace", type=int, default=None, metavar="MiB", help="cap TensorRT's workspace memory pool")
     p.add_argument("--refit", action="store_true", help="build refittable engines")
@@ -291,7 +294,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     spec = ExportSpec(
         precision=args.precision,
         vae_precision=args.vae_precision,
-        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        components=_components_arg(args.components),
         opset=args.opset,
         validate=not args.no_validate,
     )
@@ -309,7 +312,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {ckpt.arch or ckpt.family} ({ckpt.format}) to {args.workdir}")
     for note in ckpt.notes:
         print(f"  {note}")
-    for name in spec.components:
+    for name in spec.resolved(ckpt.family).components:
         entry = manifest["components"][name]
         worst = ""
         if entry["validation"]:
@@ -317,7 +320,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
             floats = [v for v in checks if v["metric"] != "mismatches"]
             w = max(floats, key=lambda v: v["value"] / v["tolerance"])
             worst = f"  max error {w['value']:.2g} ({w['metric']}, tolerance {w['tolerance']:g})"
-        print(f"  {name:<13} {entry['precision']}  {entry['files'][0]['path']}{worst}")
+        print(f"  {name:<14} {entry['precision']}  {entry['files'][0]['path']}{worst}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -370,7 +373,8 @@ def _cmd_build(args: argparse.Namespace) -> None:
 
     spec = BuildSpec(
         profile=ProfileSpec(static=not args.dynamic, batch=args.batch, height=args.height, width=args.width,
-                            max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side),
+                            max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side,
+                            max_chunks=args.max_chunks),
         opt_level=args.opt_level, workspace_mib=args.workspace, refit=args.refit, tf32=not args.no_tf32,
         rebuild_stale=args.rebuild_stale, tensorrt=args.tensorrt, targets=_components_arg(args.target) or (),
     )
