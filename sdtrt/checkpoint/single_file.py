@@ -364,9 +364,10 @@ def _recognise(path: Path, state: dict[str, Any], candidates: list[_Candidate]) 
         fits.append(fit)
     if not fits:  # every candidate failed the cheap check: compare fully, for the closest one's details
         fits = [_fit(meta, cand) for cand in candidates]
-        fits = [f if f.count else _Fit(f.candidate, _FAILED, _signature_mismatch(shapes, f.candidate) or "") for f in fits]
     best = min(fits, key=lambda f: f.count)
-    if best.count >= _FAILED:
+    if best.count == 0:  # every tensor fits, yet the quick check found a conflict (a tensor the converters skip)
+        detail = _signature_mismatch(shapes, best.candidate) or "no difference found"
+    elif best.count >= _FAILED:
         detail = best.example
     else:
         detail = f"{best.count} mismatched tensor{'s' if best.count > 1 else ''}, e.g. {best.example}"
@@ -404,7 +405,11 @@ def _signature_mismatch(shapes: dict[str, tuple[int, ...]], cand: _Candidate) ->
         return f"UNet context size {context[-1]}, expected {cross}"
     label = shapes.get(_LABEL_EMB)
     adm = unet.get("projection_class_embeddings_input_dim")
-    if (label is None) != (adm is None) or (label is not None and len(label) == 2 and label[1] != adm):
+    if label is not None and adm is None:
+        return f"UNet label_emb {_fmt(label)}: SDXL-style conditioning"
+    if label is None and adm is not None:
+        return "no UNet label_emb (SDXL's pooled-text and time-id embedding)"
+    if label is not None and len(label) == 2 and label[1] != adm:
         return f"UNet label_emb {_fmt(label)}, expected (*, {adm})"
     return None
 
