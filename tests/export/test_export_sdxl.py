@@ -16,30 +16,31 @@ from sdtrt.export.manifest import read_manifest
 from sdtrt.export.pipeline import export_checkpoint
 from sdtrt.export.spec import ExportSpec
 from sdtrt.export.trt_rules import find_violations
-from tests.export.sdxl_checkpoints import make_checkpoint, sdxl_workdir
 
 F32, F16 = "tensor(float)", "tensor(float16)"
 
 
 @pytest.fixture(scope="module")
-def xl32(tmp_path_factory):
-    return sdxl_workdir(tmp_path_factory, "tiny-sdxl", "fp32")
+def xl32(sdxl_workdir_fp32):
+    return sdxl_workdir_fp32
 
 
 @pytest.fixture(scope="module")
-def xl16(tmp_path_factory):
-    return sdxl_workdir(tmp_path_factory, "tiny-sdxl", "fp16")
+def xl16(sdxl_workdir_fp16):
+    return sdxl_workdir_fp16
 
 
 @pytest.fixture(scope="module")
-def refiner32(tmp_path_factory):
-    return sdxl_workdir(tmp_path_factory, "tiny-sdxl-refiner", "fp32")
+def refiner32(sdxl_refiner_workdir_fp32):
+    return sdxl_refiner_workdir_fp32
 
 
 @pytest.fixture(scope="module")
-def xl_ckpt(tmp_path_factory):
-    """The same weights as the exports (seed 0), for references."""
-    return make_checkpoint("tiny-sdxl", tmp_path_factory.mktemp("xl-ref"))
+def xl_ckpt(tiny_sdxl_dir):
+    """The checkpoint the exports were made from, for references."""
+    from sdtrt.checkpoint.loader import load_checkpoint
+
+    return load_checkpoint(tiny_sdxl_dir)
 
 
 def _io(entry, which):
