@@ -58,8 +58,8 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 @dataclass(frozen=True)
 class Detected:
-    """What a checkpoint is. ``kind`` is a short tag (``sd1``, ``sd2``, ``sd1-inpainting``, ``sdxl-base``, ``lora``,
-    ``vae``, ...); ``description`` reads after "this is"; ``unsupported`` says why it cannot be exported (None:
+    """What a checkpoint is. ``kind`` is a short tag (``sd1``, ``sd2``, ``sdxl``, ``sdxl-refiner``, ``sd1-inpainting``,
+    ``sdxl-inpainting``, ``lora``, ``vae``, ``sd3``, ...); ``description`` reads after "this is"; ``unsupported`` says why it cannot be exported (None:
     it can); ``needs_vae``: a checkpoint without VAE weights, exportable with ``--vae``; ``ema``: the file has
     EMA weights (``both`` beside the regular ones, ``only`` without them, ``none``)."""
 
