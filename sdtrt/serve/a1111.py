@@ -3,11 +3,16 @@
 Fields follow A1111's API so existing clients (``webuiapi``, scripts, front ends) work unchanged. Fields that only
 tune features sdtrt does not have (hires fix, face restoration, tiling, subseeds, scripts, inpainting masks) are
 accepted at their neutral values and refused otherwise, so a client never gets silently different images.
-Sampler knobs A1111 itself ignores for most samplers (``eta``, ``s_churn``, ...) are ignored.
+Samplers and schedule types are A1111 1.9+'s (``sdtrt.runtime.schedulers.a1111``): "DPM++ 2M" under the
+Automatic schedule type runs Karras, as in A1111. ``eta`` is DDIM's (A1111's ``eta`` field, "Eta DDIM" in the
+infotext); for the other samplers it is ignored, like ``s_churn`` and the other knobs.
 
-Seeds: ``-1`` picks a random seed. A request of ``batch_size`` N with seed S makes the N images that
-``sdtrt generate --seed S --batch N`` makes (one generator for the batch, as diffusers); iteration k of
-``n_iter`` uses seed S + k.
+Seeds, as A1111 has them: ``-1`` picks a random seed; image j of the request (``batch_size`` x ``n_iter`` images,
+in order) gets seed S + j and is the image that seed makes alone (``sdtrt generate --seed S+j``): the request is
+split into single-image requests with those seeds, which the micro-batcher runs together in as few passes as the
+server's ``--max-batch`` allows. ``"batch_seeds": "generator"`` (an sdtrt field) asks instead for diffusers'
+semantics, which the CLI and the Python API keep: one generator seeded S draws the whole batch of an iteration, the
+images ``sdtrt generate --seed S --batch N`` makes; iteration k uses seed S + k.
 """
 
 from __future__ import annotations
@@ -16,19 +21,22 @@ import json
 import re
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdtrt import __version__
 from sdtrt.errors import UsageError
 from sdtrt.runtime import schedulers
-from sdtrt.runtime.request import MAX_BATCH, MAX_STEPS, GenerateRequest
+from sdtrt.runtime.request import MAX_BATCH, MAX_STEPS, SEED_RANGE, GenerateRequest
+from sdtrt.runtime.schedulers.a1111 import samplers_api, schedulers_api
 from sdtrt.serve.images import decode_image, encode_png
 from sdtrt.serve.loras import NO_LORA_FOLDER, LoraFolder
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag, e.g. <lora:NAME:SCALE>
-_KARRAS = {"dpmpp_2m": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}
+A1111_SEEDS, GENERATOR_SEEDS = "a1111", "generator"
 
 
 class _Common(BaseModel):
@@ -39,7 +47,9 @@ class _Common(BaseModel):
     seed: int = Field(-1, ge=-1, lt=2**63)
     sampler_name: str | None = None
     sampler_index: str | None = None  # deprecated alias of sampler_name
-    scheduler: str | None = None  # A1111 >= 1.9 "schedule type": Automatic or Karras
+    scheduler: str | None = None  # A1111 >= 1.9 "schedule type": Automatic, Uniform, Karras, Exponential
+    eta: float | None = None  # DDIM's eta (other samplers: ignored)
+    batch_seeds: Literal["a1111", "generator"] = A1111_SEEDS  # sdtrt: image j gets seed S + j, or one generator
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
     n_iter: int = Field(1, ge=1, le=MAX_BATCH)
     steps: int = Field(20, ge=1, le=MAX_STEPS)
@@ -74,26 +84,24 @@ class A1111Response(BaseModel):
 
 
 def sampler_names() -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/samplers``."""
-    return [{"name": a1111, "aliases": [ours], "options": {}} for a1111, ours in schedulers.A1111_SAMPLERS.items()]
+    """``GET /sdapi/v1/samplers``: A1111's sampler names, their aliases (A1111's and sdtrt's) and options."""
+    return samplers_api(schedulers.SCHEDULERS)
 
 
-def resolve_sampler(name: str | None, schedule: str | None) -> str | None:
-    """A1111 sampler name (or one of ours) plus schedule type -> our scheduler name; None: the checkpoint's own."""
-    ours = None
-    if name:
-        by_lower = {k.lower(): v for k, v in schedulers.A1111_SAMPLERS.items()}
-        ours = by_lower.get(name.lower()) or (name if name in schedulers.SCHEDULERS else None)
-        if ours is None:
-            raise UsageError(f"unknown sampler {name!r}; choose one of: {', '.join(schedulers.A1111_SAMPLERS)}")
-    sched = (schedule or "automatic").lower()
-    if sched == "automatic":
-        return ours
-    if sched == "karras":
-        if ours not in _KARRAS:
-            raise UsageError(f"schedule type 'Karras' is available with 'DPM++ 2M' only, not {name!r}")
-        return _KARRAS[ours]
-    raise UsageError(f"unknown schedule type {schedule!r}; choose Automatic or Karras")
+def schedule_types() -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/schedulers``: the schedule types, in A1111's shape."""
+    return schedulers_api()
+
+
+def _eta(name: str | None, eta: float | None) -> float | None:
+    """``eta`` for DDIM; None for every other sampler (A1111 clients such as webuiapi send eta=1 by default)."""
+    if not eta or not name:
+        return None
+    try:
+        is_ddim = schedulers.resolve(name, None, default="ddim").startswith("ddim")
+    except UsageError:
+        return None  # an unknown name: the request's validation names it
+    return eta if is_ddim else None
 
 
 def _clip_skip(overrides: dict[str, Any], model_name: str) -> int:
@@ -157,8 +165,10 @@ def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def to_requests(body: _Common, model_name: str, loras: LoraFolder = NO_LORA_FOLDER) -> list[GenerateRequest]:
-    """One ``GenerateRequest`` per iteration (``n_iter``); the edge checks, the pipeline validates the rest.
-    ``loras``: the server's LoRA folder, which turns the prompt's ``<lora:NAME:SCALE>`` tags into files."""
+    """The ``GenerateRequest``s of an A1111 request, in image order: one single-image request per image with seed
+    S + j (A1111's seeds), or one per iteration (``n_iter``) with seed S + k (``batch_seeds="generator"``). The
+    edge checks, the pipeline validates the rest. ``loras``: the server's LoRA folder, which turns the prompt's
+    ``<lora:NAME:SCALE>`` tags into files."""
     _check_neutral(body)
     prompt, named = extract_loras(body.prompt or "")
     if _EXTRA_NETWORK.search(body.negative_prompt or ""):
@@ -166,37 +176,47 @@ def to_requests(body: _Common, model_name: str, loras: LoraFolder = NO_LORA_FOLD
     lora_set = loras.resolve(named)
     if body.batch_size * body.n_iter > MAX_BATCH:
         raise UsageError(f"batch_size x n_iter is {body.batch_size * body.n_iter}, over the limit of {MAX_BATCH}")
-    seed = secrets.randbelow(2**32) if body.seed == -1 else body.seed
-    scheduler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    seed = secrets.randbelow(SEED_RANGE) if body.seed == -1 else body.seed
+    sampler = body.sampler_name or body.sampler_index
     clip_skip = _clip_skip(body.override_settings, model_name)
     init = None
     strength = 0.75
     if isinstance(body, Img2ImgRequest):
         init = decode_image(body.init_images[0], "init_images[0]")
         strength = body.denoising_strength
-    return [
-        GenerateRequest(
-            prompt=prompt, negative_prompt=body.negative_prompt or "", steps=body.steps, guidance=body.cfg_scale,
-            scheduler=scheduler, seed=seed + k, batch=body.batch_size, height=body.height, width=body.width,
-            clip_skip=clip_skip, init_image=init, strength=strength, loras=lora_set,
-        )
-        for k in range(body.n_iter)
-    ]
+    base = GenerateRequest(
+        prompt=prompt, negative_prompt=body.negative_prompt or "", steps=body.steps, guidance=body.cfg_scale,
+        scheduler=sampler, schedule_type=body.scheduler, eta=_eta(sampler, body.eta), seed=seed, batch=body.batch_size,
+        height=body.height, width=body.width, clip_skip=clip_skip, init_image=init, strength=strength, loras=lora_set,
+    )
+    if body.batch_seeds == GENERATOR_SEEDS:
+        return [replace(base, seed=seed + k) for k in range(body.n_iter)]
+    return [replace(base, seed=seed + j, batch=1) for j in range(body.n_iter * body.batch_size)]
 
 
-def to_response(body: _Common, results: list, model_name: str) -> A1111Response:
-    """Answer as A1111 does: base64 PNGs, the request echoed as ``parameters``, and ``info`` as JSON text."""
+Infotext = Callable[[GenerateRequest, int, int, int], str]  # (request, batch_pos, batch_size, seed) -> text
+
+
+def to_response(body: _Common, results: list, model_name: str, infotext: Infotext | None = None) -> A1111Response:
+    """Answer as A1111 does: base64 PNGs, the request echoed as ``parameters``, and ``info`` as JSON text.
+    ``infotext``: builds each image's ``parameters`` text (``sdtrt.runtime.infotext``); None: the pipeline's own."""
     first = results[0].request
     prompt = body.prompt or ""  # as sent: with its <lora:...> tags, which A1111's infotext keeps
     images, infotexts, seeds = [], [], []
     for res in results:
-        for image, text in zip(res.images, res.infotexts, strict=True):
-            if res.request.prompt != prompt and text.startswith(res.request.prompt):
+        for pos, (image, text) in enumerate(zip(res.images, res.infotexts, strict=True)):
+            seed = res.request.seed
+            if infotext is not None:
+                n = len(images)
+                batch_pos = pos if body.batch_seeds == GENERATOR_SEEDS else n % body.batch_size
+                text = infotext(replace(res.request, prompt=prompt), batch_pos, body.batch_size, seed)
+            elif res.request.prompt != prompt and text.startswith(res.request.prompt):
                 text = prompt + text[len(res.request.prompt):]
             images.append(encode_png(image, text))
             infotexts.append(text)
-            seeds.append(res.request.seed)
+            seeds.append(seed)
     n = len(images)
+    sampler, schedule_type = schedulers.a1111_names(first.scheduler)
     info = {
         "prompt": prompt,
         "all_prompts": [prompt] * n,
@@ -209,10 +229,11 @@ def to_response(body: _Common, results: list, model_name: str) -> A1111Response:
         "subseed_strength": 0,
         "width": first.width,
         "height": first.height,
-        "sampler_name": schedulers.A1111_NAME_OF.get(first.scheduler, first.scheduler),
+        "sampler_name": sampler,
+        "scheduler": schedule_type or "Automatic",
         "cfg_scale": first.guidance,
         "steps": first.steps,
-        "batch_size": first.batch,
+        "batch_size": body.batch_size,
         "restore_faces": False,
         "sd_model_name": model_name,
         "denoising_strength": first.strength if first.init_image is not None else None,

@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException
 
 from sdtrt import __version__
 from sdtrt.errors import SdtrtError, UsageError
-from sdtrt.runtime.request import MAX_STEPS
+from sdtrt.runtime import infotext
+from sdtrt.runtime.request import MAX_STEPS, GenerateRequest
 from sdtrt.serve import a1111, openai_images
 from sdtrt.serve.batcher import Batcher, BatcherSpec
 from sdtrt.serve.gate import Gate
@@ -70,6 +71,12 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     loras = LoraFolder(spec.lora_dir)
     batcher = Batcher(pipeline.generate_batch, spec.batcher_spec(), metrics, capacity=pipeline.max_rows)
     model_name = pipeline.model_name
+    facts = infotext.model_facts(pipeline.manifest, pipeline.backend.name)
+
+    def a1111_infotext(req: GenerateRequest, batch_pos: int, batch_size: int, seed: int) -> str:
+        hashes = ", ".join(f"{f.name}: {f.short_hash}" for f in pipeline.loras.files(req.loras)) if req.loras else None
+        return infotext.build_infotext(req, facts, batch_pos=batch_pos, batch_size=batch_size, seed=seed,
+                                       lora_hashes=hashes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -132,22 +139,27 @@ def create_app(pipeline, spec: ServeSpec = ServeSpec(), *, metrics: Metrics | No
     @app.post("/sdapi/v1/txt2img", tags=["a1111"], response_model=a1111.A1111Response)
     async def txt2img(body: a1111.Txt2ImgRequest, http: Request):
         results = await run(http, a1111.to_requests(body, model_name, loras))
-        return await run_in_threadpool(a1111.to_response, body, results, model_name)
+        return await run_in_threadpool(a1111.to_response, body, results, model_name, a1111_infotext)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"], response_model=a1111.A1111Response)
     async def img2img(body: a1111.Img2ImgRequest, http: Request):
         requests = await run_in_threadpool(a1111.to_requests, body, model_name, loras)  # decodes the image
         body.init_images = []  # decoded: do not hold the base64 text while queued (the answer never echoes it)
         results = await run(http, requests)
-        return await run_in_threadpool(a1111.to_response, body, results, model_name)
+        return await run_in_threadpool(a1111.to_response, body, results, model_name, a1111_infotext)
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"])
     def samplers() -> list[dict]:
         return a1111.sampler_names()
 
+    @app.get("/sdapi/v1/schedulers", tags=["a1111"])
+    def schedule_types() -> list[dict]:
+        return a1111.schedule_types()
+
     @app.get("/sdapi/v1/sd-models", tags=["a1111"])
     def sd_models() -> list[dict]:
-        return [{"title": model_name, "model_name": model_name, "hash": None, "sha256": None,
+        sha256 = pipeline.manifest["source"].get("sha256")
+        return [{"title": model_name, "model_name": model_name, "hash": facts.short_hash, "sha256": sha256,
                  "filename": str(pipeline.workdir), "config": None}]
 
     @app.get("/sdapi/v1/options", tags=["a1111"])

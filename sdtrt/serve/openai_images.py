@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdtrt.errors import UsageError
 from sdtrt.runtime.request import MAX_BATCH, MAX_STEPS, GenerateRequest
-from sdtrt.serve.a1111 import resolve_sampler
 from sdtrt.serve.images import encode_png
 from sdtrt.serve.loras import NO_LORA_FOLDER, LoraFolder
 
@@ -77,7 +76,7 @@ def to_request(body: ImageGenerationRequest, loras: LoraFolder = NO_LORA_FOLDER)
         width, height = int(m.group(1)), int(m.group(2))
     return GenerateRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.guidance_scale,
-        scheduler=resolve_sampler(body.sampler, None), seed=secrets.randbelow(2**32) if body.seed is None else body.seed,
+        scheduler=body.sampler, seed=secrets.randbelow(2**32) if body.seed is None else body.seed,
         batch=body.n, height=height, width=width, loras=loras.resolve([(ref.name, ref.scale) for ref in body.loras]),
     )
 

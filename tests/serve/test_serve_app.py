@@ -98,11 +98,13 @@ def cli_generate(workdir: Path, tmp_path: Path, *args: str) -> list[np.ndarray]:
 
 # -- A1111 ------------------------------------------------------------------------------------------------------------
 def test_webuiapi_txt2img_equals_sdtrt_generate(a1111, sd1_workdir_fp32, tmp_path):
+    # webuiapi sends eta=1.0 unless told otherwise, and A1111 runs DDIM with the request's eta
+    # (sd_samplers_timesteps: p.eta if p.eta is not None else opts.eta_ddim): so does sdtrt
     r = a1111.txt2img(prompt="a red fox in the snow", negative_prompt="blurry", seed=1234, steps=5, cfg_scale=7.0,
                       width=64, height=48, sampler_name="DDIM")
     expected = cli_generate(sd1_workdir_fp32, tmp_path, "a red fox in the snow", "--negative-prompt", "blurry",
                             "--seed", "1234", "--steps", "5", "--guidance", "7", "--width", "64", "--height", "48",
-                            "--scheduler", "ddim")
+                            "--scheduler", "ddim", "--eta", "1")
     assert len(r.images) == 1
     assert np.array_equal(pixels(r.images[0]), expected[0])
     assert r.images[0].info["parameters"] == r.info["infotexts"][0]
@@ -118,13 +120,45 @@ def test_webuiapi_txt2img_equals_sdtrt_generate(a1111, sd1_workdir_fp32, tmp_pat
     assert r.parameters["prompt"] == "a red fox in the snow"
 
 
-def test_webuiapi_batch_and_karras_schedule_equal_sdtrt_generate(a1111, sd1_workdir_fp32, tmp_path):
+def test_webuiapi_batch_has_a1111_seeds_each_image_reproduces_alone(a1111, server, sd1_workdir_fp32, tmp_path):
+    """A1111's batch semantics (the A1111 endpoints' default): image j of seed S is the image of seed S + j alone,
+    and "DPM++ 2M" under the Automatic schedule type is Karras (A1111 1.9+)."""
     r = a1111.txt2img(prompt="two boats", seed=7, steps=4, cfg_scale=5.0, width=64, height=64, batch_size=2,
-                      sampler_name="DPM++ 2M", scheduler="Karras")
+                      sampler_name="DPM++ 2M")
+    for j in range(2):
+        expected = cli_generate(sd1_workdir_fp32, tmp_path / str(j), "two boats", "--seed", str(7 + j), "--steps", "4",
+                                "--guidance", "5", "--scheduler", "DPM++ 2M", "--schedule-type", "Karras")
+        assert np.array_equal(pixels(r.images[j]), expected[0]), j
+        params = parse_generation_parameters(r.images[j].info["parameters"])
+        assert (params["Seed"], params["Batch size"], params["Batch pos"]) == (str(7 + j), "2", str(j))
+        assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Karras")
+    assert r.info["all_seeds"] == [7, 8] and r.info["batch_size"] == 2
+    assert (r.info["sampler_name"], r.info["scheduler"]) == ("DPM++ 2M", "Karras")
+    # diffusers' generator semantics on request: the images `sdtrt generate --seed 7 --batch 2` makes
+    body = {"prompt": "two boats", "seed": 7, "steps": 4, "cfg_scale": 5.0, "width": 64, "height": 64, "batch_size": 2,
+            "sampler_name": "DPM++ 2M", "scheduler": "Karras", "batch_seeds": "generator"}
+    g = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60).json()
     expected = cli_generate(sd1_workdir_fp32, tmp_path, "two boats", "--seed", "7", "--steps", "4", "--guidance", "5",
                             "--batch", "2", "--scheduler", "dpmpp_2m_karras")
-    assert [pixels(im).tolist() for im in r.images] == [e.tolist() for e in expected]
-    assert r.info["all_seeds"] == [7, 7] and r.info["sampler_name"] == "DPM++ 2M Karras"
+    assert [b64_pixels(im).tolist() for im in g["images"]] == [e.tolist() for e in expected]
+    assert json.loads(g["info"])["all_seeds"] == [7, 7]
+    assert not np.array_equal(pixels(r.images[1]), expected[1])  # the two semantics differ past the first image
+
+
+def test_new_samplers_and_eta_over_the_a1111_api(a1111, sd1_workdir_fp32, tmp_path):
+    for sampler, extra, ours in (("Heun", {}, ["--scheduler", "heun"]),
+                                 ("DPM++ 2M SDE", {"scheduler": "Karras"}, ["--scheduler", "dpmpp_2m_sde_karras"]),
+                                 ("DDIM", {"eta": 0.5}, ["--scheduler", "ddim", "--eta", "0.5"])):
+        r = a1111.txt2img(prompt="a kite", seed=3, steps=3, width=64, height=64, sampler_name=sampler, **extra)
+        expected = cli_generate(sd1_workdir_fp32, tmp_path / sampler, "a kite", "--seed", "3", "--steps", "3",
+                                "--guidance", "7", *ours)
+        assert np.array_equal(pixels(r.images[0]), expected[0]), sampler
+    params = parse_generation_parameters(r.images[0].info["parameters"])
+    assert params["Eta DDIM"] == "0.5" and params["Sampler"] == "DDIM"
+    # webuiapi sends eta=1.0 by default: it is DDIM's only, so Euler a is unchanged by it
+    a = a1111.txt2img(prompt="a kite", seed=3, steps=2, width=64, height=64, sampler_name="Euler a", eta=1.0)
+    b = a1111.txt2img(prompt="a kite", seed=3, steps=2, width=64, height=64, sampler_name="Euler a", eta=0.3)
+    assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
 
 
 def test_webuiapi_img2img_equals_sdtrt_generate(a1111, sd1_workdir_fp32, tmp_path):
@@ -149,7 +183,7 @@ def test_random_seed_is_reported_and_reproduces(a1111, ref):
 
 
 def test_n_iter_runs_one_request_per_iteration_with_seed_plus_k(a1111, ref):
-    r = a1111.txt2img(prompt="hills", seed=10, steps=3, width=64, height=64, n_iter=2, sampler_name="DDIM")
+    r = a1111.txt2img(prompt="hills", seed=10, steps=3, width=64, height=64, n_iter=2, sampler_name="DDIM", eta=0)
     assert r.info["all_seeds"] == [10, 11]
     for k, image in enumerate(r.images):
         alone = ref(prompt="hills", seed=10 + k, num_inference_steps=3, guidance_scale=7.0, height=64, width=64,
@@ -158,7 +192,18 @@ def test_n_iter_runs_one_request_per_iteration_with_seed_plus_k(a1111, ref):
 
 
 def test_a1111_listing_endpoints(a1111, server):
-    assert [s["name"] for s in a1111.get_samplers()][:4] == ["DDIM", "PLMS", "Euler", "Euler a"]
+    samplers = {s["name"]: s for s in a1111.get_samplers()}
+    assert list(samplers)[:3] == ["DPM++ 2M", "DPM++ 2M SDE", "Euler a"]
+    assert samplers["DPM++ 2M"]["options"] == {"scheduler": "karras"} and "dpmpp_2m" in samplers["DPM++ 2M"]["aliases"]
+    schedule_types = requests.get(f"{server.url}/sdapi/v1/schedulers", timeout=10).json()
+    assert schedule_types == [
+        {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0, "need_inner_model": False},
+        {"name": "uniform", "label": "Uniform", "aliases": None, "default_rho": -1.0, "need_inner_model": True},
+        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+        {"name": "exponential", "label": "Exponential", "aliases": None, "default_rho": -1.0,
+         "need_inner_model": False},
+    ]
+    assert [s["label"] for s in a1111.get_schedulers()] == ["Automatic", "Uniform", "Karras", "Exponential"]
     models = requests.get(f"{server.url}/sdapi/v1/sd-models", timeout=10).json()
     assert models[0]["model_name"] == "tiny-sd1"
     assert requests.get(f"{server.url}/sdapi/v1/options", timeout=10).json()["sd_model_checkpoint"] == "tiny-sd1"
@@ -188,7 +233,7 @@ def test_openai_client_errors(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="x", size="64x64", extra_body={"sampler": "nope"})
     assert e.value.body["type"] == "invalid_request_error"
-    assert "unknown sampler 'nope'" in e.value.body["message"]
+    assert "unknown scheduler 'nope'" in e.value.body["message"]
 
 
 # -- bad input: one clear 4xx JSON error each, never a 500 -----------------------------------------------------------------
@@ -196,10 +241,16 @@ BAD = [
     ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0}, 422, "steps: Input should be greater than or equal to 1"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "width": 65}, 422, "width must be a multiple of 8 between 8 and 2048, got 65"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "width": 4096}, 422, "width: Input should be less than or equal to 2048"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Heun"}, 422, "unknown sampler 'Heun'; choose one of: DDIM"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler", "scheduler": "Karras"}, 422,
-     "schedule type 'Karras' is available with 'DPM++ 2M' only"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "Exponential"}, 422, "unknown schedule type 'Exponential'"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DPM2"}, 422,
+     "unknown scheduler 'DPM2'; choose one of ddim, pndm, euler, "),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DPM++ SDE"}, 422, "or an A1111 sampler: 'DPM++ 2M', "),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a", "scheduler": "Karras"}, 422,
+     "schedule type 'Karras' is not available with 'Euler a' here; choose Automatic or one of: Uniform"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "Beta"}, 422, "unknown schedule type 'Beta'; choose one of: "
+     "Automatic, Uniform, Karras, Exponential"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DDIM", "eta": 2}, 422, "eta must be a number between 0 and 1"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "batch_seeds": "other"}, 422, "batch_seeds: Input should be 'a1111' or "
+     "'generator'"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, 422, "enable_hr: hires fix is not supported"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "subseed_strength": 0.5}, 422, "variation seeds are not supported"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_vae": "x"}}, 422, "'sd_vae' is not supported"),
@@ -431,7 +482,8 @@ def test_generate_request_of_a_served_call_is_validated_like_the_cli(pipe):
 
 
 def test_server_limits_on_images_per_request_and_steps(server):
-    r = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "batch_size": 5}, timeout=30)
+    body = {"prompt": "x", "batch_size": 5, "batch_seeds": "generator"}  # A1111 seeds split it into 5 requests
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=30)
     assert r.status_code == 422
     assert r.json()["detail"] == "a request of 5 images is over this server's limit of 4 per pass (--max-batch)"
     r = requests.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 151}, timeout=30)
@@ -481,7 +533,8 @@ def test_engine_limits_cap_micro_batches_and_refuse_what_they_cannot_run(sd1_wor
     s = LiveServer(create_app(gated, ServeSpec(max_batch=4, max_queue=16, batch_window_ms=50)))
     try:
         body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": "DDIM"}
-        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "batch_size": 2}, timeout=30)
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "batch_size": 2, "batch_seeds": "generator"},
+                          timeout=30)
         assert r.status_code == 422 and "the unet engine cannot run this shape" in r.json()["detail"]
         r = requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "width": 72}, timeout=30)
         assert r.status_code == 422 and "rebuild with `sdtrt build --dynamic`" in r.json()["detail"]
@@ -491,6 +544,10 @@ def test_engine_limits_cap_micro_batches_and_refuse_what_they_cannot_run(sd1_wor
                                                                timeout=60), range(4)))
         assert [r.status_code for r in results] == [200] * 4
         assert gated.passes == [1, 1, 1, 1]
+        # A1111's seeds split a batch into single images: the engine runs them one per pass
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json={**body, "batch_size": 2, "seed": 5}, timeout=60)
+        assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [5, 6]
+        assert gated.passes == [1] * 6
     finally:
         gated.gate.set()
         s.close()
