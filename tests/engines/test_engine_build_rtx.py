@@ -139,3 +139,52 @@ def test_target_errors(capsys, sd1_workdir_fp32, flags, message):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"sdtrt: error: {message}") and err.count("\n") == 1
     assert not (sd1_workdir_fp32 / "engines").exists()
+
+
+SDXL_COMPONENTS = {
+    "sdxl_workdir_fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
+    "sdxl_workdir_fp32": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
+    "sdxl_refiner_workdir_fp32": ("text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
+}
+
+
+@pytest.mark.parametrize("workdir", list(SDXL_COMPONENTS))
+def test_every_sdxl_component_builds_ahead_of_time(request, capsys, tmp_path, workdir):
+    """Both text encoders, the UNet with text_embeds/time_ids and its text axis, and the (fp32) VAE graphs of
+    tiny-sdxl and its refiner, through TensorRT-RTX's own parser and builder."""
+    wd = _copy(request.getfixturevalue(workdir), tmp_path)
+    manifest = read_manifest(wd)
+    components = SDXL_COMPONENTS[workdir]
+    code, out, err = _build(capsys, wd)
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("built ")] == [
+        f"built {engine_path(wd, c)}" for c in components]
+    for c in components:
+        side = read_sidecar(wd, c)
+        assert side["precision"] == manifest["components"][c]["precision"]
+        assert len(engine_path(wd, c).read_bytes()) > 10_000
+        assert side["build"]["profile"]["max_chunks"] == 3
+    unet = read_sidecar(wd, "unet")
+    hidden, time_ids = manifest["model"]["text_hidden_size"], manifest["model"]["time_ids"]
+    # one prompt chunk tuned, three at most, while the rest of the profile stays static
+    assert unet["profile"]["axes"] == {"2B": [1, 2, 2], "H": [8, 8, 8], "W": [8, 8, 8], "77T": [77, 77, 231]}
+    assert unet["input_shapes"]["encoder_hidden_states"] == [[1, 77, hidden], [2, 77, hidden], [2, 231, hidden]]
+    assert unet["input_shapes"]["time_ids"] == [[1, time_ids], [2, time_ids], [2, time_ids]]
+    assert unet["attention"]["softmax_layers"] > 0
+    assert unet["attention"]["mha_pattern"] == unet["attention"]["softmax_layers"], unet["attention"]
+    assert read_sidecar(wd, "text_encoder_2")["profile"]["axes"] == {"B": [1, 1, 1]}  # one prompt chunk at a time
+    assert read_sidecar(wd, "vae_decoder")["precision"] == "fp32"  # SDXL's default VAE precision
+
+
+def test_max_chunks_builds_the_unets_text_axis_and_is_validated(capsys, tmp_path, sdxl_workdir_fp16):
+    wd = _copy(sdxl_workdir_fp16, tmp_path)
+    code, _, err = _build(capsys, wd, "--components", "unet", "--max-chunks", "1", "-q")
+    assert code == 0, err
+    assert read_sidecar(wd, "unet")["profile"]["axes"]["77T"] == [77, 77, 77]
+    code, out, _ = _build(capsys, wd, "--components", "unet", "--dynamic", "--max-batch", "1", "--min-side", "64",
+                          "--max-side", "64", "--max-chunks", "2")
+    assert code == 0 and f"built {engine_path(wd, 'unet')}" in out  # other settings: rebuilt
+    side = read_sidecar(wd, "unet")
+    assert side["profile"]["axes"]["77T"] == [77, 77, 154] and side["build"]["profile"]["max_chunks"] == 2
+    code, _, err = _build(capsys, wd, "--components", "unet", "--max-chunks", "9")
+    assert code == 2 and err == "sdtrt: error: --max-chunks must be an integer between 1 and 8, got 9\n"
