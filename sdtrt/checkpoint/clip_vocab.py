@@ -151,20 +151,22 @@ TOKENIZER_DIRS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 def resolve_tokenizers(source: Path, search: Path, explicit: Path | None, configs: dict[str, Any], family: str):
     """``{text encoder: tokenizer}`` for each text encoder in ``configs``, by ``resolve_tokenizer``: found as
     ``search/tokenizer`` and ``search/tokenizer_2``. ``explicit`` (``--tokenizer DIR``) is the tokenizer folder
-    itself for SD 1.x/2.x; for SDXL families, a folder holding ``tokenizer/`` and/or ``tokenizer_2/`` (a
-    diffusers SDXL folder), and a tokenizer it lacks is looked for as without it."""
+    itself for SD 1.x/2.x. For SDXL families it is a folder holding ``tokenizer/`` and/or ``tokenizer_2/`` (a
+    diffusers SDXL folder, an export's workdir), or one of those subfolders (its siblings are taken too); a
+    tokenizer it lacks is looked for as without it."""
     encoders = [c for c in TOKENIZER_DIRS if c in configs]
-    xl = family.startswith("sdxl")
-    if explicit is not None and xl:
+    root = None
+    if explicit is not None and family.startswith("sdxl"):
         explicit = Path(explicit)
-        if not any((explicit / TOKENIZER_DIRS[c]).is_dir() for c in encoders):
-            wanted = " and ".join(f"{TOKENIZER_DIRS[c]}/" for c in encoders)
+        subs = set(TOKENIZER_DIRS.values())
+        root = explicit if any((explicit / s).is_dir() for s in subs) else (
+            explicit.parent if explicit.name in subs and any((explicit.parent / s).is_dir() for s in subs) else None)
+        if root is None:
+            wanted = " and/or ".join(f"{TOKENIZER_DIRS[c]}/" for c in encoders)
             raise CheckpointError(f"{explicit}: an SDXL model needs a --tokenizer folder holding {wanted}")
     out = {}
     for comp in encoders:
         sub = TOKENIZER_DIRS[comp]
-        given = explicit if explicit is not None and not xl else None
-        if explicit is not None and xl and (explicit / sub).is_dir():
-            given = explicit / sub
+        given = explicit if root is None else (root / sub if (root / sub).is_dir() else None)
         out[comp] = resolve_tokenizer(source, search / sub, given, configs[comp], family, comp)
     return out

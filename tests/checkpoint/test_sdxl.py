@@ -214,6 +214,8 @@ def test_sdxl_folder_missing_parts(xl_copy, tiny_sdxl_refiner_dir, tmp_path):
     assert _error(ref, tokenizer_dir=tmp_path) == (
         f"{tmp_path}: an SDXL model needs a --tokenizer folder holding tokenizer_2/")
     assert load_checkpoint(ref, tokenizer_dir=tiny_sdxl_refiner_dir).tokenizer_2.pad_token == "!"
+    # An export's workdir holds tokenizer/ and tokenizer_2/; naming one of them takes its siblings too.
+    assert load_checkpoint(ref, tokenizer_dir=tiny_sdxl_refiner_dir / "tokenizer").tokenizer_2.pad_token == "!"
 
 
 def test_component_only_folders_are_named(tiny_sdxl_dir, tmp_path):
