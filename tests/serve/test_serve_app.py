@@ -145,6 +145,27 @@ def test_webuiapi_batch_has_a1111_seeds_each_image_reproduces_alone(a1111, serve
     assert not np.array_equal(pixels(r.images[1]), expected[1])  # the two semantics differ past the first image
 
 
+def test_a1111_batch_is_split_into_seeds_that_run_in_one_pass(pipe, ref):
+    """batch_size 3 with A1111's seeds: three single-image requests (seeds S, S+1, S+2) in one pipeline pass."""
+    gated = Gated(pipe)
+    gated.gate.set()
+    s = LiveServer(create_app(gated, ServeSpec(max_batch=4, max_queue=16)))
+    try:
+        body = {"prompt": "a barn", "seed": 20, "steps": 2, "width": 64, "height": 64, "batch_size": 3,
+                "sampler_name": "Euler a"}
+        r = requests.post(f"{s.url}/sdapi/v1/txt2img", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert gated.passes == [3]  # one generate_batch call with three requests
+        info = json.loads(r.json()["info"])
+        assert info["all_seeds"] == [20, 21, 22] and info["batch_size"] == 3
+        for j, image in enumerate(r.json()["images"]):
+            alone = ref(prompt="a barn", seed=20 + j, num_inference_steps=2, guidance_scale=7.0, height=64, width=64,
+                        scheduler="euler_a")
+            assert np.array_equal(b64_pixels(image), pixels(alone.images[0])), j
+    finally:
+        s.close()
+
+
 def test_new_samplers_and_eta_over_the_a1111_api(a1111, sd1_workdir_fp32, tmp_path):
     for sampler, extra, ours in (("Heun", {}, ["--scheduler", "heun"]),
                                  ("DPM++ 2M SDE", {"scheduler": "Karras"}, ["--scheduler", "dpmpp_2m_sde_karras"]),
