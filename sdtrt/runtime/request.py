@@ -8,6 +8,7 @@ from typing import Any
 
 from sdtrt.errors import UsageError
 from sdtrt.runtime import prompts, schedulers
+from sdtrt.runtime.schedulers.a1111 import SAMPLERS as A1111_SAMPLERS
 
 MAX_SIDE = 2048
 MAX_BATCH = 64
@@ -82,8 +83,8 @@ class GenerateRequest:
                 raise
             sched = self.scheduler  # neither ours nor A1111's: refused below, listing ours
         if sched.split(":")[0] not in scheduler_names:
-            raise UsageError(f"unknown scheduler {sched!r}; choose one of {', '.join(scheduler_names)} "
-                             "or an A1111 sampler name (the README lists them)")
+            raise UsageError(f"unknown scheduler {sched!r}; choose one of {', '.join(scheduler_names)} or an A1111 "
+                             f"sampler: {', '.join(repr(s.name) for s in A1111_SAMPLERS)}")
         if self.init_image is not None:
             if not isinstance(self.strength, (int, float)) or not 0 < self.strength <= 1:
                 raise UsageError(f"strength must be in (0, 1], got {self.strength!r}")

@@ -76,7 +76,7 @@ def test_limits_are_inclusive(kw):
     ({"clip_skip": 0}, "clip-skip must be 1 \\(last layer\\) or 2 \\(penultimate layer\\), got 0"),
     ({"clip_skip": 3}, "clip-skip must be 1"),
     ({"scheduler": "lms"}, "unknown scheduler 'lms'; choose one of ddim, euler, dpmpp_2m, dpmpp_2m_karras or an "
-                           "A1111 sampler name"),
+                           "A1111 sampler: 'DPM\\+\\+ 2M', 'DPM\\+\\+ 2M SDE', 'Euler a', .*, 'LCM'$"),
     ({"scheduler": "nope"}, "unknown scheduler 'nope'; choose one of ddim"),
     ({"scheduler": 3}, "scheduler must be a name, got 3"),
     ({"scheduler": "Euler", "schedule_type": "Exponential"}, "schedule type 'Exponential' is not available with "
