@@ -59,7 +59,7 @@ def test_written_sidecar_records_what_made_the_plan(tmp_path):
     assert s["flags"] == ["STRONGLY_TYPED", "TF32"]
     assert s["build_seconds"] == 12.346
     assert s["build"]["profile"] == {"static": True, "batch": 1, "height": 512, "width": 512, "max_batch": None,
-                                     "min_side": None, "max_side": None}
+                                     "min_side": None, "max_side": None, "max_chunks": 3}
     assert s["plan"] == {"path": "engines/unet.plan", "sha256": hashlib.sha256(PLAN).hexdigest(), "bytes": len(PLAN)}
     assert recorded_spec(s) == SPEC
 

@@ -512,3 +512,25 @@ def test_runtime_cache_from_another_gpu_is_replaced(tmp_path, caplog):
     fake.blob = b"this GPU's kernels"
     cache.save()  # smaller than the refused file, but it is this GPU's: written
     assert path.read_bytes() == b"this GPU's kernels"
+
+
+def test_a_prompt_of_more_chunks_than_the_engine_takes_is_refused_before_any_work(monkeypatch):
+    from engine_manifests import sdxl_manifest
+
+    monkeypatch.setattr(trt_backend, "_stream_handle", lambda device: 1234)
+    monkeypatch.setattr(trt_backend, "_capturing", lambda: False)
+    entry = sdxl_manifest()["components"]["unet"]
+    prof = component_profile("unet", entry, ProfileSpec(max_chunks=2).resolved(1024), 8)
+    ctx = FakeContext()
+    r = TensorRTRunner("unet", entry, prof, CPU, new_context=lambda: ctx, capturable=lambda c, s: True, hint="rebuild hint")
+    with pytest.raises(ShapeError) as e:
+        r.check({"2B": 2, "H": 128, "W": 128, "77T": 231})
+    assert str(e.value).startswith("the unet engine cannot run this shape: 77T = 231 (3 prompt chunks) is outside "
+                                   "77T 77..154 (1..2 prompt chunks of 75 tokens: built with --max-chunks 2)")
+    with pytest.raises(ShapeError):
+        r.activate({"2B": 2, "H": 128, "W": 128, "77T": 231})
+    assert ctx.calls == [] and r.inputs == {}
+    r.activate({"2B": 2, "H": 128, "W": 128, "77T": 154})  # two chunks: bound at that length
+    shapes = {c[1]: c[2] for c in ctx.calls if c[0] == "set_input_shape"}
+    assert shapes["encoder_hidden_states"] == (2, 154, 2048) and shapes["time_ids"] == (2, 6)
+    assert r.inputs["time_ids"].dtype == torch.float32 and r.inputs["text_embeds"].dtype == torch.float16
