@@ -320,7 +320,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
             floats = [v for v in checks if v["metric"] != "mismatches"]
             w = max(floats, key=lambda v: v["value"] / v["tolerance"])
             worst = f"  max error {w['value']:.2g} ({w['metric']}, tolerance {w['tolerance']:g})"
-        print(f"  {name:<14} {entry['precision']}  {entry['files'][0]['path']}{worst}")
+        print(f"  {name:<13} {entry['precision']}  {entry['files'][0]['path']}{worst}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
