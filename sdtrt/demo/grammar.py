@@ -27,7 +27,10 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
     ("white", "square", "red"),
     ("black", "triangle", "green"),
 )
-SIZE = 32  # pixels; latents are 4x4 (each latent pixel still codes an 8x8 patch, as in SD)
+# Pixels; latents are 8x8 (each latent pixel codes an 8x8 patch, as in SD). Not 32: its 4x4 latents put a shape on
+# 1.4-2.4 latent pixels, and the VAE alone turned squares and triangles into blobs (shape kind read back right
+# from 53% of its reconstructions), so no UNet could draw them.
+SIZE = 64
 WORDS: tuple[str, ...] = ("a", "on", "background", *COLOURS, *SHAPES)
 
 
