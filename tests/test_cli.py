@@ -111,7 +111,7 @@ def test_generate_corrupt_manifest(capsys, tmp_path):
     "extra, message",
     [
         (["--height", "60"], "height must be a multiple of 8"),
-        (["--scheduler", "heun"], "unknown scheduler 'heun'"),
+        (["--scheduler", "dpm2"], "unknown scheduler 'dpm2'"),
         (["-o", "out.jpg"], "output must be a .png path"),
         (["--clip-skip", "5"], "clip-skip must be 1"),
         (["--backend", "tensorrt"], "tensorrt backend needs an NVIDIA GPU"),

@@ -55,12 +55,6 @@ def test_a1111_sampler_and_schedule_type_names(capsys, sd1_workdir_fp32, tmp_pat
     assert not np.array_equal(outs["ours"], outs["uniform"])
 
 
-# The pipeline writes its own infotext until Pipeline.infotext calls sdtrt.runtime.infotext.build_infotext (a
-# change in pipeline.py, reported to the lead); strict: once it does, these pass and the marker must go.
-NEEDS_INFOTEXT_SWITCH = pytest.mark.xfail(strict=True, reason="Pipeline.infotext does not use runtime/infotext.py yet")
-
-
-@NEEDS_INFOTEXT_SWITCH
 def test_png_says_sampler_schedule_type_and_eta_as_a1111_writes_them(capsys, sd1_workdir_fp32, tmp_path):
     from tests.a1111_infotext import parse_generation_parameters
 

@@ -10,7 +10,6 @@ cleared before each request, so both sides encode the prompt and the negative pr
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ import torch
 
 from sdtrt.bench.spec import BenchSpec
 from sdtrt.bench.timing import CallTimer, durations, install, loop_figures
-from sdtrt.errors import UsageError
 
 # our scheduler names -> diffusers classes; the config overrides each name pins come from sdtrt's registry.
 
@@ -161,25 +159,20 @@ class DiffusersContender(Contender):
 def load_pipeline(workdir: Path, backend: str, threads: int | None, *, allow_spinning: bool = False):
     """``Pipeline.load``, except that ONNX Runtime gets ``threads`` intra-op threads (``Pipeline.load`` takes no
     thread count; the backend does) and, to measure what it costs, ``allow_spinning``."""
-    from sdtrt.runtime.pipeline import COMPONENTS_NEEDED, Pipeline
+    from sdtrt.runtime.pipeline import Pipeline, check_components
 
     workdir = Path(workdir)
     if backend != "onnxruntime" or (threads is None and not allow_spinning):
         return Pipeline.load(workdir, backend=backend)
-    from sdtrt.checkpoint.tokenizer import load_tokenizer
     from sdtrt.export.manifest import read_manifest
     from sdtrt.runtime.backends import resolve_backend_name
     from sdtrt.runtime.backends.ort_backend import OrtBackend
 
     manifest = read_manifest(workdir)
-    missing = [c for c in COMPONENTS_NEEDED if c not in manifest["components"]]
-    if missing:
-        raise UsageError(f"{workdir}: the export lacks {', '.join(missing)}; run `sdtrt export` with all components")
+    check_components(workdir, manifest)
     _, device = resolve_backend_name("onnxruntime", workdir)
-    scheduler_config = json.loads((workdir / "scheduler" / "scheduler_config.json").read_text())
     backend = OrtBackend(workdir, manifest, device, threads=threads or 0, allow_spinning=allow_spinning)
-    return Pipeline(workdir, manifest, backend,
-                    load_tokenizer(workdir / "tokenizer"), scheduler_config)
+    return Pipeline.on_backend(workdir, manifest, backend)
 
 
 class SdtrtContender(Contender):
@@ -205,8 +198,8 @@ class SdtrtContender(Contender):
         if self.graph and not pipe.use_cuda_graph:
             raise RuntimeError(f"the {pipe.backend.name} backend cannot be captured in a CUDA graph here")
         pipe.use_cuda_graph = self.graph
-        self._restore += [install(pipe._text, "run", self.text), install(pipe._unet, "run", self.unet),
-                          install(pipe._decoder, "run", self.vae)]
+        self._restore += [install(e.runner, "run", self.text) for e in pipe.text_encoders.values()]
+        self._restore += [install(pipe._unet, "run", self.unet), install(pipe._decoder, "run", self.vae)]
         dtype = getattr(pipe.backend, "dtype", None)  # the torch backend computes natively, whatever the export's
         self.info.update(backend=pipe.backend.name, precision=pipe.manifest.get("precision"),
                          compute_dtype=None if dtype is None else str(dtype).removeprefix("torch."),
@@ -233,7 +226,7 @@ class SdtrtContender(Contender):
         s = self.spec
         self.replay.reset()
         self._wrap_new_graphs()
-        self.pipe._text_cache.clear()
+        self.pipe.clear_text_cache()
         result = self.pipe(s.prompt, negative_prompt=s.negative_prompt, num_inference_steps=s.steps,
                            guidance_scale=s.guidance, seed=s.seed, num_images_per_prompt=batch, height=s.height,
                            width=s.width, scheduler=s.scheduler)

@@ -30,6 +30,7 @@ class LoopKey:
     steps: int
     cfg: bool  # guidance > 1: the UNet runs on [uncond; cond], 2B rows
     start: int  # first evaluation (img2img skips the first ones)
+    chunks: tuple[int, ...] = ()  # prompt chunks of each UNet row (R = 2B under guidance, else B): text lengths 77k
 
 
 class LoopGraph:

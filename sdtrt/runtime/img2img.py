@@ -8,7 +8,6 @@ UniPC's lower-order steps, LMS's list of derivatives) restarting at ``start`` as
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,14 +15,8 @@ import numpy as np
 
 from sdtrt.errors import UsageError
 from sdtrt.runtime import schedulers
-from sdtrt.runtime.schedulers import schedule
-from sdtrt.runtime.schedulers.dpmpp_2m import multistep_grid
 
-IMG2IMG_SCHEDULERS: tuple[str, ...] = tuple(schedulers.SCHEDULERS)
-# How each scheduler's add_noise reads its schedule at the first timestep that runs:
-_VP_T = ("ddim", "lcm", "pndm")  # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t the integer timestep
-_VP_SIGMA = ("dpmpp_2m", "dpmpp_2m_karras", "unipc")  # the same, with alpha_t, sigma_t from the VE sigma of step i
-# the rest are VE (euler, euler_a, lms): x = x_0 + sigma eps, the UNet input scaled by c_in = 1 / sqrt(sigma^2 + 1)
+IMG2IMG_SCHEDULERS: tuple[str, ...] = tuple(schedulers.SCHEDULERS)  # and DDIM with eta, "ddim:eta=X"
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -36,26 +29,15 @@ def start_index(steps: int, strength: float) -> int:
 
 def check_scheduler(name: str) -> None:
     """``UsageError`` unless ``name`` can start mid-schedule (every registered scheduler can)."""
-    if name not in IMG2IMG_SCHEDULERS:
+    if name.split(":")[0] not in IMG2IMG_SCHEDULERS:
         raise UsageError(f"img2img supports the schedulers {', '.join(IMG2IMG_SCHEDULERS)}, not {name!r}")
 
 
 def noise_coefs(name: str, config: Mapping[str, Any], tables: Any, start: int) -> tuple[float, float]:
-    """(a, s) with ``x_start = a * x_0 + s * eps``: the scheduler's ``add_noise`` at evaluation ``start``."""
+    """(a, s) with ``x_start = a * x_0 + s * eps``: the scheduler's ``add_noise`` at evaluation ``start`` of
+    ``tables`` (made with this ``start``)."""
     check_scheduler(name)
-    sched = schedulers.get_scheduler(name)
-    if name in _VP_T:
-        cfg = schedule.read_config({**config, **sched.overrides}, sched.module.DEFAULTS, name)
-        alpha_bar = schedule.alphas_cumprod(cfg, name)
-        t = int(round(float(tables.timesteps[start])))
-        return math.sqrt(alpha_bar[t]), math.sqrt(1.0 - alpha_bar[t])
-    if name in _VP_SIGMA:
-        cfg = schedule.read_config({**config, **sched.overrides}, sched.module.DEFAULTS, name)
-        sigma = float(multistep_grid(cfg, tables.steps, name, unipc=name == "unipc")[1][start])
-        a = 1.0 / math.sqrt(sigma**2 + 1.0)
-        return a, sigma * a
-    c_in = float(tables.c_in[start])  # 1 / sqrt(sigma^2 + 1)
-    return 1.0, math.sqrt(1.0 / c_in**2 - 1.0)
+    return schedulers.add_noise_coefs(name, config, tables, start)
 
 
 def prepare_image(image: Any, width: int, height: int) -> np.ndarray:

@@ -5,9 +5,14 @@ the request's seed, exactly as ``StableDiffusionPipeline`` draws them, and stoch
 drawn from the same generator afterwards, one tensor per step in diffusers' order; all of it before the loop, so
 the loop itself never touches the host. Same checkpoint, seed, scheduler and steps: the same image as diffusers.
 
-Per request: (1) tokens -> text embeddings (LRU-cached per prompt), (2) latents and step noise, (3) the loop over
-static buffers, captured in one CUDA graph per ``LoopKey`` where the backend allows, (4) decode to uint8 pixels,
-(5) the finiteness checks and the copy of the pixels. The loop itself never waits on the host; the pipeline
+Per request: (1) the model family (``sdtrt.runtime.families``) turns prompts into the UNet's static conditioning
+inputs (text embeddings LRU-cached per prompt), (2) latents and step noise, (3) the loop over static buffers,
+captured in one CUDA graph per ``LoopKey`` where the backend allows, (4) decode to uint8 pixels, (5) the finiteness
+checks and the copy of the pixels. The loop is the same for every family.
+
+Prompts of several 75-token chunks make the UNet's text axis 77 * k. When the prompt and the negative prompt have
+different chunk counts, the UNet runs their rows in separate calls at their own lengths, as A1111 does by default
+(its "pad prompt/negative prompt to be same length" option is off by default): one call per distinct length. The loop itself never waits on the host; the pipeline
 synchronises only between stages, for the per-stage timings.
 """
 
@@ -30,20 +35,29 @@ import torch
 from sdtrt.errors import SdtrtError, ShapeError, UsageError
 from sdtrt.export.manifest import read_manifest
 from sdtrt.lora.deltas import BASE, LoraLibrary
-from sdtrt.runtime import img2img, prompts, schedulers
+from sdtrt.runtime import img2img, infotext, png, schedulers
 from sdtrt.runtime.backends import Backend, load_backend
+from sdtrt.runtime.families import TOKENIZER_DIRS, TextEncoder, make_family, text_encoder_names
 from sdtrt.runtime.graphs import LoopGraph, LoopKey
 from sdtrt.runtime.request import MAX_BATCH, GenerateRequest, batch_key
 from sdtrt.runtime.schedulers.tables import at
 
 log = logging.getLogger(__name__)
 
-TEXT_CACHE_SIZE = 64
 LOOP_CACHE_SIZE = 8  # loop states (static buffers + CUDA graph) kept; the least recently used beyond are freed
-COMPONENTS_NEEDED = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS_NEEDED = ("unet", "vae_decoder")  # and the family's text encoders (manifest "text_encoders")
+CHUNK = 77  # tokens per prompt chunk: the UNet's text axis is CHUNK * k
 
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(schedulers.SCHEDULERS)
+
+
+def check_components(workdir: Path, manifest: Mapping) -> None:
+    """``UsageError`` unless the export has every graph generation needs."""
+    needed = (*text_encoder_names(manifest["model"]), *COMPONENTS_NEEDED)
+    missing = [c for c in needed if c not in manifest["components"]]
+    if missing:
+        raise UsageError(f"{workdir}: the export lacks {', '.join(missing)}; run `sdtrt export` with all components")
 
 
 class NonFiniteError(SdtrtError):
@@ -59,6 +73,22 @@ class Result:
     infotexts: list[str]  # A1111-style "parameters" text per image
     batch_rows: int = 1  # images in the pass that made these (more than ``request.batch`` when micro-batched)
 
+    def save(self, path: str | Path) -> list[Path]:
+        """Write the images as PNGs with their A1111 ``parameters`` text (``png.save_result``: atomically)."""
+        return png.save_result(self, path)
+
+
+@dataclass
+class _UNetPass:
+    """One UNet call per evaluation: the rows (of the loop's R = 2B or B) it computes, at one text length."""
+
+    dims: dict[str, int]
+    inputs: dict[str, torch.Tensor]  # the runner's static buffers at ``dims``
+    outputs: dict[str, torch.Tensor]
+    rows: torch.Tensor | None  # (n,) long: which of the R rows, on the device; None: all R rows, in order
+    src: torch.Tensor | None  # (n,) long: the latent row each of those rows reads (row % B)
+    row_list: tuple[int, ...]
+
 
 @dataclass
 class _LoopState:
@@ -70,6 +100,8 @@ class _LoopState:
     noise: torch.Tensor  # (E, B, 4, h, w) float32 step noise (E=0 rows when the scheduler needs none)
     history: torch.Tensor | None
     guidance: torch.Tensor  # () float32
+    passes: list[_UNetPass]
+    out: torch.Tensor | None  # (R, 4, h, w) float32: the passes' predictions gathered, when there are several
     graph: LoopGraph | None = None
     capture_failed: bool = False  # capture failed once (out of memory, an uncapturable enqueue): this key stays eager
 
@@ -77,22 +109,27 @@ class _LoopState:
 class Pipeline:
     """``Pipeline.load(workdir, backend="auto")``, then ``pipe(prompt, num_inference_steps=..., ...)``."""
 
-    def __init__(self, workdir: Path, manifest: Mapping, backend: Backend, tokenizer: Any, scheduler_config: dict) -> None:
+    def __init__(self, workdir: Path, manifest: Mapping, backend: Backend, tokenizers: Mapping[str, Any],
+                 scheduler_config: dict) -> None:
+        """``tokenizers``: one per text encoder component of the export (``text_encoder``, ``text_encoder_2``)."""
         self.workdir = workdir
         self.manifest = manifest
         self.backend = backend
         self.device = backend.device
-        self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.model = manifest["model"]
         self.default_scheduler = schedulers.name_for_config(scheduler_config)  # the checkpoint's own
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with self._stream_context():  # backends that bind a stream at creation (ORT's CUDA EP) get ours
-            self._text = backend.runner("text_encoder")
+            self.text_encoders = {name: TextEncoder(name, backend.runner(name), tokenizers[name])
+                                  for name in text_encoder_names(self.model)}
             self._unet = backend.runner("unet")
             self._decoder = backend.runner("vae_decoder")
+        self.family = make_family(self.model, self.text_encoders)
+        self.model_facts = infotext.model_facts(manifest, backend.name)
+        ehs = next(s for s in manifest["components"]["unet"]["inputs"] if s["name"] == "encoder_hidden_states")
+        self._one_chunk = isinstance(ehs["shape"][1], int)  # exported before the UNet's text axis was dynamic
         self._encoder = None  # img2img only: made on first use
-        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._loops: OrderedDict[LoopKey, _LoopState] = OrderedDict()  # LRU, at most LOOP_CACHE_SIZE
         self.use_cuda_graph = backend.capturable and self.device.type == "cuda"
         self.loras = LoraLibrary(manifest)
@@ -103,18 +140,30 @@ class Pipeline:
         """What the checkpoint is called in infotexts and APIs: its architecture, or its file or folder name."""
         return str(self.manifest["source"].get("arch") or Path(self.manifest["source"]["path"]).name)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The first text encoder's tokenizer."""
+        return next(iter(self.text_encoders.values())).tokenizer
+
+    def clear_text_cache(self) -> None:
+        for encoder in self.text_encoders.values():
+            encoder.clear()
+
     @classmethod
     def load(cls, workdir: str | Path, backend: str = "auto") -> Pipeline:
-        from sdtrt.checkpoint.tokenizer import load_tokenizer
-
         workdir = Path(workdir)
         manifest = read_manifest(workdir)
-        missing = [c for c in COMPONENTS_NEEDED if c not in manifest["components"]]
-        if missing:
-            raise UsageError(f"{workdir}: the export lacks {', '.join(missing)}; run `sdtrt export` with all components")
-        tokenizer = load_tokenizer(workdir / "tokenizer")
+        check_components(workdir, manifest)
+        return cls.on_backend(workdir, manifest, load_backend(backend, workdir, manifest))
+
+    @classmethod
+    def on_backend(cls, workdir: Path, manifest: Mapping, backend: Backend) -> Pipeline:
+        """A pipeline over an export whose ``backend`` the caller made (``check_components`` first)."""
+        from sdtrt.checkpoint.tokenizer import load_tokenizer
+
+        tokenizers = {name: load_tokenizer(workdir / TOKENIZER_DIRS[name]) for name in text_encoder_names(manifest["model"])}
         scheduler_config = json.loads((workdir / "scheduler" / "scheduler_config.json").read_text())
-        return cls(workdir, manifest, load_backend(backend, workdir, manifest), tokenizer, scheduler_config)
+        return cls(workdir, manifest, backend, tokenizers, scheduler_config)
 
     # -- public API ---------------------------------------------------------------------------------------------
     def __call__(
@@ -130,6 +179,8 @@ class Pipeline:
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
+        schedule_type: str | None = None,
+        eta: float | None = None,
         clip_skip: int = 1,
         image: Any = None,
         strength: float = 0.75,
@@ -140,7 +191,7 @@ class Pipeline:
         return self.generate(GenerateRequest(
             prompt=prompt, negative_prompt=negative_prompt, prompt_syntax=prompt_syntax, steps=num_inference_steps,
             guidance=guidance_scale,
-            scheduler=scheduler, seed=seed, batch=num_images_per_prompt, height=height, width=width,
+            scheduler=scheduler, schedule_type=schedule_type, eta=eta, seed=seed, batch=num_images_per_prompt, height=height, width=width,
             clip_skip=clip_skip, init_image=image, strength=strength, loras=tuple(loras),
         ))
 
@@ -150,6 +201,10 @@ class Pipeline:
         req = request.validated(default_size=int(self.model["default_size"]), default_scheduler=self.default_scheduler,
                                 scheduler_names=SCHEDULER_NAMES)
         req = replace(req, loras=self.loras.check(req.loras))  # files read and matched to this model once, here
+        self.family.check(req)
+        if self._one_chunk and max(self.family.chunk_counts(req)) > 1:
+            raise UsageError(f"{self.workdir}: this export's UNet takes prompts of one 75-token chunk; re-export it "
+                             "with this sdtrt for longer prompts, or shorten the prompt")
         if req.init_image is not None:
             img2img.check_scheduler(req.scheduler)
             img2img.start_index(req.steps, req.strength)
@@ -163,9 +218,10 @@ class Pipeline:
     def check_rows(self, request: GenerateRequest, rows: int) -> None:
         """``ShapeError`` if the backend cannot run a pass of ``rows`` images with ``request``'s settings (an
         engine's profile); allocates nothing. ``request`` is validated."""
-        unet, decoder = self._dims(rows, request.height, request.width, request.guidance > 1.0)
-        self._unet.check(unet)
-        self._decoder.check(decoder)
+        cfg = request.guidance > 1.0
+        for dims, _ in self._unet_passes(rows, request.height, request.width, self._row_chunks([replace(request, batch=rows)], cfg)):
+            self._unet.check(dims)
+        self._decoder.check(self._decoder_dims(rows, request.height, request.width))
 
     def max_rows(self, request: GenerateRequest, limit: int) -> int:
         """The most images (at most ``limit``, at least ``request.batch``) one pass with ``request``'s settings may
@@ -178,11 +234,28 @@ class Pipeline:
                 continue
         return request.batch
 
-    def _dims(self, b: int, h: int, w: int, cfg: bool) -> tuple[dict[str, int], dict[str, int]]:
-        """Axis sizes of the UNet and the decoder for a pass of ``b`` images of ``h`` x ``w``."""
+    def _decoder_dims(self, b: int, h: int, w: int) -> dict[str, int]:
         s = int(self.model["vae_scale_factor"])
-        return ({"2B": b * (2 if cfg else 1), "H": h // s, "W": w // s},
-                {"B": b, "H": h // s, "W": w // s, f"{s}H": h, f"{s}W": w})
+        return {"B": b, "H": h // s, "W": w // s, f"{s}H": h, f"{s}W": w}
+
+    def _row_chunks(self, reqs: Sequence[GenerateRequest], cfg: bool) -> tuple[int, ...]:
+        """The prompt chunks of each UNet row: [negative prompts; prompts] under guidance, else the prompts."""
+        counts = [(self.family.chunk_counts(r), r.batch) for r in reqs]
+        uncond = [neg for (neg, _), n in counts for _ in range(n)]
+        cond = [pos for (_, pos), n in counts for _ in range(n)]
+        return tuple(uncond + cond) if cfg else tuple(cond)
+
+    def _unet_passes(self, b: int, h: int, w: int, chunks: tuple[int, ...]) -> list[tuple[dict[str, int], tuple[int, ...] | None]]:
+        """The UNet calls of one evaluation: (dims, rows) per distinct text length of the rows; rows None: one call
+        for all rows, in order (every row the same length: the common case)."""
+        s = int(self.model["vae_scale_factor"])
+        by_length: dict[int, list[int]] = {}
+        for row, k in enumerate(chunks):
+            by_length.setdefault(k, []).append(row)
+        dims = {"H": h // s, "W": w // s}
+        if len(by_length) == 1:
+            return [({"2B": len(chunks), **dims, "77T": CHUNK * chunks[0]}, None)]
+        return [({"2B": len(rows), **dims, "77T": CHUNK * k}, tuple(rows)) for k, rows in sorted(by_length.items())]
 
     def generate(self, request: GenerateRequest) -> Result:
         result = self.generate_batch([request])[0]
@@ -225,29 +298,26 @@ class Pipeline:
         parts = [(req, slice(end - req.batch, end)) for req, end in zip(reqs, ends, strict=True)]  # rows per request
         h, w = first.height, first.width
         # 0. shapes first: a backend that cannot run them (an engine's profile) refuses before any work
-        unet_dims, decoder_dims = self._dims(b, h, w, cfg)
-        self._unet.activate(unet_dims)
-        self._decoder.activate(decoder_dims)
+        start = 0 if first.init_image is None else img2img.start_index(first.steps, first.strength)
+        key = LoopKey(b, h, w, first.scheduler, first.steps, cfg, start, self._row_chunks(reqs, cfg))
+        st = self._loop_state(key)  # activates (allocates) the UNet's buffers of every pass
+        self._decoder.activate(self._decoder_dims(b, h, w))
         self._use_loras(first.loras)  # one LoRA set per pass (batch_key)
 
-        # 1. text embeddings into the UNet's input: [uncond; cond], (2B or B, 77, C)
-        ehs = self._unet.inputs["encoder_hidden_states"]
-        for req, r in parts:
-            cond = self._embed(req.prompt, req.clip_skip, req.prompt_syntax)
-            n = r.stop - r.start
-            if cfg:
-                ehs[r].copy_(self._embed(req.negative_prompt, req.clip_skip, req.prompt_syntax).expand(n, -1, -1))
-                ehs[b + r.start : b + r.stop].copy_(cond.expand(n, -1, -1))
-            else:
-                ehs[r].copy_(cond.expand(n, -1, -1))
+        # 1. conditioning into the UNet's static inputs, one row per image: [uncond; cond] under guidance, else cond
+        rows: list[Mapping[str, torch.Tensor]] = []
+        for negative in ((True, False) if cfg else (False,)):
+            for req, _ in parts:
+                rows += [self.family.condition(req, negative, self._lora_key)] * req.batch
+        for p in st.passes:
+            picked = [rows[i] for i in p.row_list]
+            for name in self.family.cond_inputs:  # (n, ...) each
+                p.inputs[name].copy_(torch.cat([row[name] for row in picked]))
         sync()
         t1 = time.perf_counter()
         timings["text_encoder"] = t1 - t0
 
-        # 2. loop state for this key; each request's latents and noise drawn from its own generator, as diffusers draws
-        start = 0 if first.init_image is None else img2img.start_index(first.steps, first.strength)
-        key = LoopKey(b, h, w, first.scheduler, first.steps, cfg, start)
-        st = self._loop_state(key)
+        # 2. each request's latents and noise drawn from its own generator, as diffusers draws them
         for req, r in parts:
             generator = torch.Generator("cpu").manual_seed(req.seed)
             shape = (req.batch, int(self.model["latent_channels"]), h // s, w // s)
@@ -306,74 +376,10 @@ class Pipeline:
 
     def infotext(self, req: GenerateRequest, batch_pos: int = 0) -> str:
         """A1111's ``parameters`` text, so other Stable Diffusion tools read the settings back."""
-        parts = [
-            f"Steps: {req.steps}",
-            f"Sampler: {schedulers.A1111_NAME_OF.get(req.scheduler, req.scheduler)}",
-            f"CFG scale: {req.guidance:g}",
-            f"Seed: {req.seed}",
-            f"Size: {req.width}x{req.height}",
-            f"Model: {self.model_name}",
-        ]
-        if req.clip_skip != 1:
-            parts.append(f"Clip skip: {req.clip_skip}")
-        if req.init_image is not None:
-            parts.append(f"Denoising strength: {req.strength:g}")
-        if req.batch > 1:
-            parts += [f"Batch size: {req.batch}", f"Batch pos: {batch_pos}"]
-        if req.loras:  # A1111's spelling: Lora hashes: "name: 12 hex digits, name2: ..."
-            hashes = ", ".join(f"{f.name}: {f.short_hash}" for f in self.loras.files(req.loras))
-            parts.append(f'Lora hashes: "{hashes}"')
-        parts.append(f"Backend: sdtrt {self.backend.name}")
-        text = req.prompt
-        if req.negative_prompt:
-            text += f"\nNegative prompt: {req.negative_prompt}"
-        return text + "\n" + ", ".join(parts)
+        hashes = ", ".join(f"{f.name}: {f.short_hash}" for f in self.loras.files(req.loras)) if req.loras else None
+        return infotext.build_infotext(req, self.model_facts, batch_pos=batch_pos, lora_hashes=hashes)
 
     # -- stages -------------------------------------------------------------------------------------------------
-    def _tokens(self, prompt: str) -> tuple[int, ...]:
-        """bos + tokens + eos, cut and padded to 77 as the tokenizer's max_length truncation does, tokenizing once."""
-        max_len = int(self.model["max_length"])
-        ids = self.tokenizer(prompt, truncation=False)["input_ids"]  # [bos, ..., eos]
-        if len(ids) > max_len:
-            log.warning("prompt is %d tokens; truncated to %d (long prompts are not chunked yet)", len(ids), max_len)
-            ids = ids[: max_len - 1] + ids[-1:]
-        return tuple(ids) + (self.tokenizer.pad_token_id,) * (max_len - len(ids))
-
-    def _chunks(self, prompt: str, syntax: str) -> prompts.Chunks:
-        """Token ids and weights of ``prompt``: A1111's rules (``a1111``), or the text as diffusers tokenizes it."""
-        if syntax == "plain":
-            ids = self._tokens(prompt)
-            return prompts.Chunks((ids,), ((1.0,) * len(ids),))
-        chunks = prompts.chunk_prompt(prompt, self.tokenizer)
-        if len(chunks) > 1:
-            log.warning("prompt is %d chunks of 75 tokens; only the first is used (the UNet takes one chunk)",
-                        len(chunks))
-            chunks = prompts.Chunks(chunks.ids[:1], chunks.weights[:1])
-        return chunks
-
-    def _embed(self, prompt: str, clip_skip: int, syntax: str = "a1111") -> torch.Tensor:
-        """(1, 77, C) embedding of one prompt, cached by its token ids and weights."""
-        ids = self._chunks(prompt, syntax)
-        key = (ids, clip_skip, self._lora_key)  # a LoRA may change the text encoder
-        hit = self._text_cache.get(key)
-        if hit is not None:
-            self._text_cache.move_to_end(key)
-            return hit
-        self._text.activate({"B": 1})
-        hidden = []
-        for chunk in ids.ids:  # one chunk per call: A1111 encodes (and rescales) each chunk alone
-            self._text.inputs["input_ids"].copy_(torch.tensor([chunk], dtype=torch.int32))
-            self._text.run()
-            hidden.append(self._text.outputs["last_hidden_state" if clip_skip == 1 else "penultimate_hidden_state"].clone())
-        out = torch.cat(hidden)  # (k, 77, C)
-        if ids.weighted:
-            out = prompts.apply_weights(out, torch.tensor(ids.weights)).to(hidden[0].dtype)
-        out = out.reshape(1, -1, out.shape[-1])  # chunks side by side along the sequence axis
-        self._text_cache[key] = out
-        if len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        return out
-
     def _use_loras(self, loras: tuple) -> None:
         """Give the backend's weights the LoRA set ``loras`` (validated), or the base model's for ``()``."""
         key = self.loras.key(loras)
@@ -415,7 +421,20 @@ class Pipeline:
         x = torch.zeros(shape, dtype=torch.float32, device=self.device)
         noise = torch.zeros((tables.num_evals if tables.needs_noise else 0, *shape), dtype=torch.float32, device=self.device)
         history = schedulers.new_history(tables, x)
-        st = _LoopState(key, tables, x, noise, history, torch.zeros((), dtype=torch.float32, device=self.device))
+        passes = []
+        for dims, row_list in self._unet_passes(key.batch, key.height, key.width, key.chunks):
+            self._unet.activate(dims)  # raises ShapeError outside an engine's profile, before any allocation
+            rows = src = None
+            if row_list is not None:
+                rows = torch.tensor(row_list, dtype=torch.long, device=self.device)
+                src = rows % key.batch
+            passes.append(_UNetPass(dims, self._unet.inputs, self._unet.outputs, rows, src,
+                                    row_list or tuple(range(len(key.chunks)))))
+        out = None
+        if len(passes) > 1:
+            out = torch.zeros((len(key.chunks), *shape[1:]), dtype=torch.float32, device=self.device)
+        st = _LoopState(key, tables, x, noise, history, torch.zeros((), dtype=torch.float32, device=self.device),
+                        passes, out)
         self._loops[key] = st
         while len(self._loops) > LOOP_CACHE_SIZE:  # a server sees many shapes: keep memory bounded
             self._evict(self._loops.popitem(last=False)[0])
@@ -423,11 +442,15 @@ class Pipeline:
 
     def _evict(self, key: LoopKey) -> None:
         """Free an evicted loop's runner buffers unless a kept loop shares their shape (its graph reads them)."""
-        unet, decoder = self._dims(key.batch, key.height, key.width, key.cfg)
-        kept = [self._dims(k.batch, k.height, k.width, k.cfg) for k in self._loops]
-        if all(u != unet for u, _ in kept):
-            self._unet.release(unet)
-        if all(d != decoder for _, d in kept):
+        def unet_dims(k: LoopKey) -> list[dict[str, int]]:
+            return [dims for dims, _ in self._unet_passes(k.batch, k.height, k.width, k.chunks)]
+
+        kept_unet = [d for k in self._loops for d in unet_dims(k)]
+        for dims in unet_dims(key):
+            if dims not in kept_unet:
+                self._unet.release(dims)
+        decoder = self._decoder_dims(key.batch, key.height, key.width)
+        if all(self._decoder_dims(k.batch, k.height, k.width) != decoder for k in self._loops):
             self._decoder.release(decoder)
         log.debug("freed the loop state of %s", key)
 
@@ -435,20 +458,27 @@ class Pipeline:
         """All evaluations of one request over static buffers. Python decisions here depend only on the key."""
         sched = schedulers.get_scheduler(st.key.scheduler)
         tables, b, cfg = st.tables, st.key.batch, st.key.cfg
-        sample = self._unet.inputs["sample"]  # (2B or B, 4, h, w)
-        timestep = self._unet.inputs["timestep"]  # (1,) float32
-        out = self._unet.outputs["latent"]  # (2B or B, 4, h, w)
+        # one UNet call per evaluation, or one per text length (rows gathered into st.out): decided by the key
+        out = st.passes[0].outputs["latent"] if st.out is None else st.out  # (2B or B, 4, h, w)
         # (E, B, 4, h, w) step noise, or nothing for deterministic schedulers: decided by the key, not per step
         noises = list(st.noise) if st.noise.shape[0] else [None] * tables.num_evals
         for i in range(st.key.start, tables.num_evals):
-            # (a) CFG batch: both halves see the same scaled latents
             x_in = st.x * at(tables.c_in, i)
-            sample[:b].copy_(x_in)
-            if cfg:
-                sample[b:].copy_(x_in)
-            timestep.copy_(at(tables.timesteps, i))
-            # (b) UNet
-            self._unet.run()
+            for p in st.passes:
+                # (a) CFG batch: both halves see the same scaled latents
+                sample = p.inputs["sample"]  # (n, 4, h, w)
+                if p.rows is None:
+                    sample[:b].copy_(x_in)
+                    if cfg:
+                        sample[b:].copy_(x_in)
+                else:
+                    sample.copy_(x_in.index_select(0, p.src))
+                p.inputs["timestep"].copy_(at(tables.timesteps, i))  # (1,) float32
+                # (b) UNet
+                self._unet.activate(p.dims)  # a no-op with one pass; binds this pass's buffers otherwise
+                self._unet.run()
+                if p.rows is not None:
+                    st.out.index_copy_(0, p.rows, p.outputs["latent"].float())
             # (c) guidance: uncond + g * (cond - uncond), in float32
             if cfg:
                 uncond = out[:b].float()
@@ -462,9 +492,10 @@ class Pipeline:
         """The loop of ``st`` captured into a CUDA graph, or None: a capture that fails (out of memory, an engine
         whose enqueue cannot be captured, kernels that refuse capture) leaves this key eager for good, as trtexec
         falls back; the request itself already ran eagerly and keeps its result, and other keys still capture."""
-        buffers = [st.x, st.noise, st.guidance, *self._unet.inputs.values(), *self._unet.outputs.values()]
-        if st.history is not None:
-            buffers.append(st.history)
+        buffers = [st.x, st.noise, st.guidance]
+        for p in st.passes:
+            buffers += [*p.inputs.values(), *p.outputs.values()]
+        buffers += [t for t in (st.history, st.out) if t is not None]
         try:
             return LoopGraph(st.key, lambda: self._run_loop(st), buffers)
         except torch.cuda.OutOfMemoryError:

@@ -108,14 +108,14 @@ def test_text_embeddings_cached_per_lora_set(loras, pipes):
     """A LoRA that changes the text encoder must not reuse the base model's cached embedding (nor the reverse)."""
     pipe = pipes["onnxruntime-fp32"]
     calls = []
-    original = pipe._text.run
-    pipe._text.run = lambda: (calls.append(1), original())[1]
+    original = pipe.text_encoders["text_encoder"].runner.run
+    pipe.text_encoders["text_encoder"].runner.run = lambda: (calls.append(1), original())[1]
     try:
         pipe("a cached lora prompt", num_inference_steps=1, guidance_scale=1.0)
         pipe("a cached lora prompt", num_inference_steps=1, guidance_scale=1.0, loras=[(loras["kohya_linear"][0], 1)])
         pipe("a cached lora prompt", num_inference_steps=1, guidance_scale=1.0)
     finally:
-        pipe._text.run = original
+        pipe.text_encoders["text_encoder"].runner.run = original
     assert len(calls) == 2  # base, then the LoRA set; the base embedding comes from the cache
 
 

@@ -178,7 +178,7 @@ def test_onnxruntime_equals_torch(pipes):
 def test_text_embeddings_are_cached(pipes):
     pipe = pipes["onnxruntime-fp32"]
     calls = []
-    runner = pipe._text
+    runner = pipe.text_encoders["text_encoder"].runner
     original = runner.run
     runner.run = lambda: (calls.append(1), original())[1]
     try:
@@ -301,7 +301,7 @@ def test_nan_pixels_are_reported(pipes, monkeypatch):
         ({"num_inference_steps": 0}, "steps must be an integer between 1 and 1000"),
         ({"num_images_per_prompt": 0}, "batch must be an integer between 1 and 64"),
         ({"guidance_scale": -1}, "guidance must be a number between 0 and 100"),
-        ({"seed": -5}, "seed must be a non-negative integer"),
+        ({"seed": -5}, r"seed must be -1 \(random\) or a non-negative integer"),
         ({"clip_skip": 3}, "clip-skip must be 1"),
         ({"scheduler": "nope"}, "unknown scheduler 'nope'; choose one of ddim, pndm"),
     ],
@@ -315,13 +315,14 @@ def test_long_prompt_is_truncated_with_a_warning(pipes, caplog):
     pipe = pipes["onnxruntime-fp32"]
     prompt = " ".join(["dog"] * 200)  # a prompt no other test embeds: the text encoder must run
     fed = []
-    run = pipe._text.run
-    pipe._text.run = lambda: (fed.append(pipe._text.inputs["input_ids"].clone()), run())[1]
+    runner = pipe.text_encoders["text_encoder"].runner
+    run = runner.run
+    runner.run = lambda: (fed.append(runner.inputs["input_ids"].clone()), run())[1]
     try:
         with caplog.at_level("WARNING"):
             pipe(prompt, num_inference_steps=1, guidance_scale=1.0, prompt_syntax="plain")
     finally:
-        pipe._text.run = run
+        runner.run = run
     assert "truncated to 77" in caplog.text
     # exactly what diffusers feeds: the tokenizer's max_length truncation, which keeps bos ... eos
     want = pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True)["input_ids"]

@@ -41,7 +41,7 @@ def test_start_index_is_diffusers_get_timesteps(name, steps, strength):
     timesteps, n, _ = _diffusers_start(name, steps, strength)
     start = img2img.start_index(steps, strength)
     assert steps - start == n, f"steps={steps} strength={strength}: we run {steps - start}, diffusers {n}"
-    ours = get_scheduler(name).make_tables(CONFIG, steps).timesteps[start:]
+    ours = get_scheduler(name).make_tables(CONFIG, steps, start).timesteps[start:]  # Heun: row start = 2 * start
     torch.testing.assert_close(ours, timesteps.to(torch.float32), rtol=0, atol=2e-4)
 
 
@@ -64,7 +64,7 @@ def test_noise_coefs_are_diffusers_add_noise(name, steps, strength, config):
     """x_start = a * x0 + s * eps at the first timestep that runs, as the scheduler's add_noise after get_timesteps."""
     timesteps, _, sched = _diffusers_start(name, steps, strength, config)
     start = img2img.start_index(steps, strength)
-    a, s = img2img.noise_coefs(name, config, get_scheduler(name).make_tables(config, steps), start)
+    a, s = img2img.noise_coefs(name, config, get_scheduler(name).make_tables(config, steps, start), start)
     one, zero = torch.ones((1, 1), dtype=torch.float32), torch.zeros((1, 1), dtype=torch.float32)
     want_a = float(sched.add_noise(one, zero, timesteps[:1]))  # x0 = 1, eps = 0
     want_s = float(sched.add_noise(zero, one, timesteps[:1]))  # x0 = 0, eps = 1
@@ -72,10 +72,10 @@ def test_noise_coefs_are_diffusers_add_noise(name, steps, strength, config):
 
 
 def test_every_scheduler_runs_img2img():
-    for name in ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "lms", "unipc"):  # refused before make_tables took start
+    for name in ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "lms", "unipc", "heun", "dpmpp_2m_sde", "ddim:eta=0.5"):
         img2img.check_scheduler(name)
-    with pytest.raises(UsageError, match="^img2img supports the schedulers ddim, pndm, .*, not 'heun'$"):
-        img2img.check_scheduler("heun")
+    with pytest.raises(UsageError, match="^img2img supports the schedulers ddim, pndm, .*, not 'dpm2'$"):
+        img2img.check_scheduler("dpm2")
 
 
 def test_prepare_image():

@@ -37,15 +37,18 @@ class TorchBackend:
     def __init__(self, workdir: Path, manifest: Mapping, device: torch.device) -> None:
         from sdtrt.checkpoint.loader import load_checkpoint
         from sdtrt.export.modules import graph_modules
+        from sdtrt.runtime.families import text_encoder_names
 
         source = Path(manifest["source"]["path"])
         if not source.exists():
             raise CheckpointError(f"the torch backend runs the source checkpoint, {source}, which is missing; "
                                   "use --backend onnxruntime or tensorrt, or restore the checkpoint")
         opts = manifest["source"].get("load_options", {})
-        # The export's tokenizer stands in for one that sat beside a single file or came from --tokenizer.
+        # The export's tokenizers stand in for ones that sat beside a single file or came from --tokenizer: the
+        # tokenizer folder itself (SD), or the folder holding tokenizer/ and tokenizer_2/ (SDXL's --tokenizer).
+        one = text_encoder_names(manifest["model"]) == ("text_encoder",)
         ckpt = load_checkpoint(source, config_dir=opts.get("config_dir"), allow_pickle=bool(opts.get("allow_pickle")),
-                               tokenizer_dir=workdir / "tokenizer", vae=opts.get("vae"), ema=bool(opts.get("ema")))
+                               tokenizer_dir=workdir / "tokenizer" if one else workdir, vae=opts.get("vae"), ema=bool(opts.get("ema")))
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.capturable = device.type == "cuda"

@@ -91,16 +91,10 @@ def test_stochastic_schedulers_use_the_seed(reference, pipe):
     assert np.abs(plain.astype(int) - reference("ddim:eta=0.5").astype(int)).max() > 2  # eta changes the image
 
 
-# img2img: Heun starts at evaluation 2 * start (its order is 2); the Euler family (VE) needs no img2img change.
-# The VP-sigma names (DPM++ 2M SDE, DPM++ 2M Exponential) and DDIM with eta need sdtrt.runtime.img2img.noise_coefs
-# to delegate to schedulers.add_noise_coefs (a change in img2img.py, reported to the lead; measured with it applied:
-# all four pass): until then the pipeline noises them as VE or refuses them. Strict: the marker goes with the change.
-NEEDS_IMG2IMG_DELEGATION = pytest.mark.xfail(strict=True, reason="img2img.noise_coefs does not use add_noise_coefs yet")
-IMG2IMG = [("heun", 0.75), ("heun", 0.5), ("heun_karras", 0.6), ("euler_karras", 0.75), ("lms_karras", 0.5)] + [
-    pytest.param(name, strength, marks=NEEDS_IMG2IMG_DELEGATION)
-    for name, strength in (("dpmpp_2m_sde", 0.75), ("dpmpp_2m_sde_karras", 0.5), ("dpmpp_2m_exponential", 0.6),
-                           ("ddim:eta=0.5", 0.75))
-]
+# img2img: Heun starts at evaluation 2 * start (its order is 2); the VP-sigma names (DPM++ 2M SDE, DPM++ 2M
+# Exponential) and DDIM with eta are noised by schedulers.add_noise_coefs (sdtrt.runtime.img2img.noise_coefs).
+IMG2IMG = [("heun", 0.75), ("heun", 0.5), ("heun_karras", 0.6), ("euler_karras", 0.75), ("lms_karras", 0.5),
+           ("dpmpp_2m_sde", 0.75), ("dpmpp_2m_sde_karras", 0.5), ("dpmpp_2m_exponential", 0.6), ("ddim:eta=0.5", 0.75)]
 
 
 @pytest.mark.parametrize(("name", "strength"), IMG2IMG)
