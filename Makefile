@@ -38,7 +38,7 @@ demo: setup
 		echo "$(SDTRT) generate $(DEMO)/workdir \"$$p\" --seed $$i -o $(DEMO)/demo-$$i.png"; \
 		$(SDTRT) -q generate $(DEMO)/workdir "$$p" --seed $$i -o $(DEMO)/demo-$$i.png || exit 1; done
 	$(PY) -m sdtrt.demo.grid $(DEMO)/demo.png $(DEMO)/demo-[0-9]*.png
-	@echo "demo: wrote $(DEMO)/demo.png (32x32 pictures, enlarged, each under its prompt)"
+	@echo "demo: wrote $(DEMO)/demo.png (64x64 pictures, enlarged, each under its prompt)"
 
 serve: demo
 	$(SDTRT) serve $(DEMO)/workdir --backend onnxruntime
