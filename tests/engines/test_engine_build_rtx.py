@@ -68,9 +68,9 @@ def test_every_component_builds_ahead_of_time(request, capsys, tmp_path, workdir
         assert attention["softmax_layers"] > 0 and attention["mha_pattern"] == attention["softmax_layers"], (c, attention)
     axes = read_sidecar(wd, "unet")["profile"]["axes"]
     if profile == "static":
-        assert axes == {"2B": [1, 2, 2], "H": [8, 8, 8], "W": [8, 8, 8]}
+        assert axes == {"2B": [1, 2, 2], "H": [8, 8, 8], "W": [8, 8, 8], "77T": [77, 77, 231]}
     else:
-        assert axes == {"2B": [1, 2, 4], "H": [8, 8, 16], "W": [8, 8, 16]}
+        assert axes == {"2B": [1, 2, 4], "H": [8, 8, 16], "W": [8, 8, 16], "77T": [77, 77, 231]}
     assert read_sidecar(wd, "text_encoder")["profile"]["axes"]["B"] == ([1, 1, 1] if profile == "static" else [1, 1, 2])
     # a second build with the same settings has nothing to do
     code, out, _ = _build(capsys, wd, *PROFILES[profile])
@@ -82,7 +82,8 @@ def test_dynamic_defaults_and_a_build_too_big_for_memory(capsys, tmp_path, sd1_w
     code, _, err = _build(capsys, wd, "--dynamic", "--max-side", "256", "--components", "unet", "-q")
     assert code == 0, err
     # 64 px native: the range widens to include it (64..256 px), batch 1..4 (UNet rows 1..8)
-    assert read_sidecar(wd, "unet")["profile"]["axes"] == {"2B": [1, 2, 8], "H": [8, 8, 32], "W": [8, 8, 32]}
+    assert read_sidecar(wd, "unet")["profile"]["axes"] == {"2B": [1, 2, 8], "H": [8, 8, 32], "W": [8, 8, 32],
+                                                           "77T": [77, 77, 231]}
     # up to 1024 px, the tiny UNet's attention over 128x128 latents at 8 rows asks TensorRT-RTX for ~64 GiB
     code, _, err = _build(capsys, wd, "--dynamic", "--components", "unet", "-q")
     assert code == 2 and err.count("\n") == 1
