@@ -82,3 +82,19 @@ def test_format_report():
 def test_check_engines_without_engines(sd1_workdir_fp32):
     with pytest.raises(EngineError, match=rf"^{sd1_workdir_fp32}: no TensorRT engines; build them"):
         check.check_engines(sd1_workdir_fp32)
+
+
+def test_sdxl_inputs_time_ids_like_sizes_and_each_encoder_its_own_vocabulary(sdxl_refiner_workdir_fp32):
+    from engine_manifests import sdxl_manifest
+
+    unet = sdxl_manifest()["components"]["unet"]
+    feeds = check.random_inputs(unet, {"2B": 2, "H": 8, "W": 8, "77T": 154}, seed=0, vocab_size=1)
+    assert {k: (v.shape, v.dtype) for k, v in feeds.items()} == {
+        "sample": ((2, 4, 8, 8), np.float16), "timestep": ((1,), np.float32),
+        "encoder_hidden_states": ((2, 154, 2048), np.float16), "text_embeds": ((2, 1280), np.float16),
+        "time_ids": ((2, 6), np.float32)}
+    ids = feeds["time_ids"]
+    assert ids.min() >= 1 and ids.max() <= 999 and np.array_equal(ids, ids.round())  # sizes, not N(0, 1)
+    # the refiner has tokenizer_2/ only: text_encoder_2's ids come from it, graphs without ids need none
+    assert check._vocab_size(sdxl_refiner_workdir_fp32, "text_encoder_2") == 1000
+    assert check._vocab_size(sdxl_refiner_workdir_fp32, "unet") == 1
