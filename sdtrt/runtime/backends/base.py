@@ -29,6 +29,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+FP32_INPUTS = ("timestep", "time_ids")  # float32 in every graph: sinusoidal embeddings of values up to 1000s
+
+
 class Runner(Protocol):
     """One component graph (text_encoder, unet, vae_decoder or vae_encoder) on one backend."""
 
@@ -92,7 +95,7 @@ class BufferedRunner:
 
     def _dtype(self, spec: Mapping) -> torch.dtype:
         dt = DTYPES[spec["dtype"]]
-        if self._float_dtype is not None and dt.is_floating_point and spec["name"] != "timestep":
+        if self._float_dtype is not None and dt.is_floating_point and spec["name"] not in FP32_INPUTS:
             return self._float_dtype
         return dt
 

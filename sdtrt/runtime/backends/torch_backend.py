@@ -54,7 +54,13 @@ class TorchBackend:
         self.capturable = device.type == "cuda"
         self._manifest = manifest
         # the exporter's own wrappers (sdtrt.export.modules), so both compute the same graphs
-        self._modules = {n: m.eval().to(device=device, dtype=self.dtype) for n, m in graph_modules(ckpt).items()}
+        # fp16 on CUDA, except a VAE exported in fp32 (SDXL's default: its VAE overflows in fp16)
+        vae32 = manifest.get("precision", {}).get("vae") == "fp32"
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._modules = {}
+        for n, m in graph_modules(ckpt).items():
+            self._dtypes[n] = torch.float32 if vae32 and n.startswith("vae") else self.dtype
+            self._modules[n] = m.eval().to(device=device, dtype=self._dtypes[n])
         # diffusers keeps the sinusoidal timestep projection in fp32 itself; nothing else to special-case.
         self.source = ckpt
         self._base: dict[tuple[str, str], torch.Tensor] = {}  # base weights of the modules a LoRA changed now
@@ -77,4 +83,4 @@ class TorchBackend:
 
     def runner(self, component: str) -> TorchRunner:
         entry = self._manifest["components"][component]
-        return TorchRunner(component, entry, self._modules[component], self.device, self.dtype)
+        return TorchRunner(component, entry, self._modules[component], self.device, self._dtypes[component])
