@@ -33,7 +33,7 @@ def one_error_line(err: str) -> str:
         (["export"], "the following arguments are required: CHECKPOINT, WORKDIR"),
         (["export", "a", "b", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["export", "a", "b", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
-        (["init-random", "x", "--arch", "sdxl"], "argument --arch: invalid choice: 'sdxl'"),
+        (["init-random", "x", "--arch", "sd3"], "argument --arch: invalid choice: 'sd3'"),
         (["generate", "wd", "p", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (["generate", "wd", "p", "--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
     ],

@@ -199,7 +199,7 @@ def test_timings_and_infotext(pipes):
     stages = r.timings["text_encoder"] + r.timings["denoise"] + r.timings["vae_decoder"]
     assert r.timings["total"] == pytest.approx(stages, rel=1e-9, abs=1e-9)
     assert r.infotexts[0].splitlines()[:2] == [PROMPT, "Negative prompt: ugly"]
-    assert "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 7, Size: 64x64" in r.infotexts[0]
+    assert "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 7, Size: 64x64" in r.infotexts[0]
 
 
 def _expected_parameters(pipe: Pipeline, **request) -> dict[str, str]:
@@ -342,11 +342,11 @@ def test_clip_skip_is_part_of_the_text_cache_key(reference, pipes):
 def test_runner_buffers_are_kept_per_shape(pipes):
     """A captured graph reads fixed addresses: shape A, then B, then A again must give A's tensors back."""
     unet = pipes["onnxruntime-fp32"]._unet
-    unet.activate({"2B": 2, "H": 8, "W": 8})
+    unet.activate({"2B": 2, "H": 8, "W": 8, "77T": 77})
     a = unet.inputs["encoder_hidden_states"]
-    unet.activate({"2B": 1, "H": 8, "W": 8})
+    unet.activate({"2B": 1, "H": 8, "W": 8, "77T": 77})
     assert unet.inputs["encoder_hidden_states"].shape[0] == 1
-    unet.activate({"2B": 2, "H": 8, "W": 8})
+    unet.activate({"2B": 2, "H": 8, "W": 8, "77T": 77})
     assert unet.inputs["encoder_hidden_states"] is a
 
 
