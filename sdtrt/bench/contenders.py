@@ -10,6 +10,7 @@ cleared before each request, so both sides encode the prompt and the negative pr
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,8 +120,12 @@ class DiffusersContender(Contender):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         common = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        if (self.source / "model_index.json").is_file():
-            pipe = diffusers.StableDiffusionPipeline.from_pretrained(self.source, local_files_only=True, **common)
+        index = self.source / "model_index.json"
+        if index.is_file():  # the folder's own pipeline class: StableDiffusionPipeline, StableDiffusionXLPipeline, ...
+            cls = getattr(diffusers, json.loads(index.read_text())["_class_name"])
+            if cls is not diffusers.StableDiffusionPipeline:
+                common = {}  # SDXL pipelines have no safety checker
+            pipe = cls.from_pretrained(self.source, local_files_only=True, **common)
         else:  # a single-file checkpoint: sdtrt's loader resolves its layout and configs offline
             from sdtrt.checkpoint.loader import load_checkpoint
 
@@ -139,7 +144,9 @@ class DiffusersContender(Contender):
             opts = {"mode": self.spec.compile_mode, "fullgraph": True, "dynamic": False}
             pipe.unet.forward = torch.compile(pipe.unet.forward, **opts)
             pipe.vae.decode = torch.compile(pipe.vae.decode, **opts)
-        self._restore += [install(pipe.text_encoder, "forward", self.text), install(pipe.unet, "forward", self.unet),
+        encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+        self._restore += [install(e, "forward", self.text) for e in encoders]
+        self._restore += [install(pipe.unet, "forward", self.unet),
                           install(pipe.vae, "decode", self.vae)]
         self.pipe = pipe
 
