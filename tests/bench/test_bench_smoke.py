@@ -285,3 +285,15 @@ def test_overhead_per_step_is_the_request_minus_the_models():
     assert got == {"unet_ms_per_step": pytest.approx(2.5), "overhead_ms_per_step": pytest.approx(1.5)}
     c.unet.reset()  # a replayed CUDA graph: no UNet call is observable
     assert c._per_step(0.010) == {"unet_ms_per_step": None, "overhead_ms_per_step": None}
+
+
+def test_sdxl_bench_against_diffusers_sdxl_pipeline(sdxl_workdir_fp32):
+    """An SDXL WORKDIR benches against diffusers' own StableDiffusionXLPipeline, same run, same images."""
+    spec = BenchSpec(contenders=("diffusers", "sdtrt-onnxruntime"), threads=1,
+                     **{**SHORT, "batch_sizes": (1,), "runs": 1})
+    r = run_bench(sdxl_workdir_fp32, spec, progress=False)
+    assert r["checkpoint"]["arch"] == "tiny-sdxl" and r["failed"] == {}
+    assert set(r["contenders"]) == {"diffusers"} | ({"sdtrt-onnxruntime"} if ORT_RUNS else set())
+    if ORT_RUNS and not CUDA:  # both fp32 on the CPU: the same image as diffusers' SDXL pipeline
+        q = r["contenders"]["sdtrt-onnxruntime"]["quality"]
+        assert q["max_abs_diff"] <= 2, q
