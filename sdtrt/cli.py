@@ -33,6 +33,8 @@ class _Parser(argparse.ArgumentParser):
 # Choices of --backend, spelled here so that building the parser imports no torch; a test checks that they are
 # sdtrt.runtime.backends.BACKENDS.
 BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
+# Choices of --prompt-syntax, likewise: a test checks that they are sdtrt.runtime.prompts.SYNTAXES.
+PROMPT_SYNTAXES: tuple[str, ...] = ("a1111", "plain")
 
 
 def _common(p: argparse.ArgumentParser, *, sub: bool = True) -> None:
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir", type=Path, metavar="WORKDIR")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--negative-prompt", default="", metavar="TEXT")
+    p.add_argument("--prompt-syntax", choices=PROMPT_SYNTAXES, default="a1111",
+                   help="a1111 (default): A1111's emphasis (x) [x] (x:1.3), BREAK and 75-token chunks; plain: the "
+                        "text as diffusers reads it, cut at 77 tokens")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 disables CFG)")
     p.add_argument("--scheduler", default=None, metavar="NAME",
@@ -341,9 +346,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         except (OSError, UnidentifiedImageError) as e:
             raise UsageError(f"{args.init_image}: cannot read the init image ({e})") from None
     request = GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        scheduler=args.scheduler, schedule_type=args.schedule_type, eta=args.eta, seed=args.seed, batch=args.batch,
-        height=args.height, width=args.width, clip_skip=args.clip_skip, init_image=init_image,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, prompt_syntax=args.prompt_syntax, steps=args.steps,
+        guidance=args.guidance, scheduler=args.scheduler, schedule_type=args.schedule_type, eta=args.eta,
+        seed=args.seed, batch=args.batch, height=args.height, width=args.width, clip_skip=args.clip_skip, init_image=init_image,
         strength=0.75 if args.strength is None else args.strength, loras=tuple(parse_lora_arg(a) for a in args.lora),
     )
     output_paths(args.output, args.batch)  # checked before any heavy work

@@ -36,6 +36,8 @@ def one_error_line(err: str) -> str:
         (["init-random", "x", "--arch", "sd3"], "argument --arch: invalid choice: 'sd3'"),
         (["generate", "wd", "p", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (["generate", "wd", "p", "--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
+        (["generate", "wd", "p", "--prompt-syntax", "markdown"],
+         "argument --prompt-syntax: invalid choice: 'markdown' (choose from 'a1111', 'plain')"),
     ],
 )
 def test_usage_errors(capsys, argv, message):

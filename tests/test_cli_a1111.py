@@ -1,5 +1,5 @@
 """The generate command as A1111 users drive it: img2img with the checkpoint's own scheduler, A1111's sampler and
-schedule type names, --seed -1, and the flags' rules."""
+schedule type names, --seed -1, A1111's prompt syntax (and --prompt-syntax plain), and the flags' rules."""
 
 from __future__ import annotations
 
@@ -104,3 +104,47 @@ def test_bad_a1111_flags_are_one_line(capsys, sd1_workdir_fp32, tmp_path, args, 
     assert code == 2
     assert one_error_line(err) == message
     assert not (tmp_path / "out.png").exists()
+
+
+def test_prompt_syntax_choices_are_the_runtimes():
+    """The CLI spells the choices itself (building the parser imports no torch); they must be the runtime's."""
+    from sdtrt import cli
+    from sdtrt.runtime import prompts
+
+    assert cli.PROMPT_SYNTAXES == prompts.SYNTAXES
+
+
+def test_prompt_syntax_plain_sends_the_literal_text(capsys, sd1_workdir_fp32, tmp_path):
+    """`(cat:1.5)` under --prompt-syntax plain is the text with its brackets and colon, which A1111's syntax spells
+    with escapes (`\\(cat:1.5\\)`: one fragment of weight 1, the same tokens); under a1111 (the default) it is `cat`
+    weighted 1.5, another image."""
+    import numpy as np
+
+    common = ("--steps", "2", "--seed", "3", "--width", "64", "--height", "64", "--scheduler", "euler", "-q")
+    outs = {}
+    for key, prompt, args in (("plain", "a photo of a (cat:1.5)", ("--prompt-syntax", "plain")),
+                              ("escaped", r"a photo of a \(cat:1.5\)", ()),
+                              ("a1111", "a photo of a (cat:1.5)", ("--prompt-syntax", "a1111")),
+                              ("default", "a photo of a (cat:1.5)", ())):
+        code, _, err = run(capsys, "generate", str(sd1_workdir_fp32), prompt, *common, *args,
+                           "-o", str(tmp_path / f"{key}.png"))
+        assert code == 0, err
+        outs[key] = _pixels(tmp_path / f"{key}.png")
+    assert np.array_equal(outs["plain"], outs["escaped"])
+    assert np.array_equal(outs["a1111"], outs["default"])
+    assert not np.array_equal(outs["plain"], outs["a1111"])
+
+
+def test_plain_syntax_passes_what_a1111_syntax_refuses(capsys, sd1_workdir_fp32, tmp_path):
+    """Prompt editing is refused under a1111 (it would change the prompt mid-sampling) but is only text when plain."""
+    args = ("--steps", "1", "--width", "64", "--height", "64", "-q")
+    code, _, err = run(capsys, "generate", str(sd1_workdir_fp32), "a [cat:dog:0.5]", *args,
+                       "-o", str(tmp_path / "edit.png"))
+    assert code == 2
+    assert one_error_line(err).startswith("sdtrt: error: prompt: prompt editing [cat:dog:0.5] (a prompt that changes "
+                                          "during sampling) is not supported; use --prompt-syntax plain")
+    assert not (tmp_path / "edit.png").exists()
+    code, _, err = run(capsys, "generate", str(sd1_workdir_fp32), "a [cat:dog:0.5]", *args, "--prompt-syntax", "plain",
+                       "-o", str(tmp_path / "edit.png"))
+    assert code == 0, err
+    assert (tmp_path / "edit.png").exists()

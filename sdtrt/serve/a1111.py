@@ -13,6 +13,10 @@ split into single-image requests with those seeds, which the micro-batcher runs 
 server's ``--max-batch`` allows. ``"batch_seeds": "generator"`` (an sdtrt field) asks instead for diffusers'
 semantics, which the CLI and the Python API keep: one generator seeded S draws the whole batch of an iteration, the
 images ``sdtrt generate --seed S --batch N`` makes; iteration k uses seed S + k.
+
+Prompts follow A1111's rules (emphasis, BREAK, 75-token chunks: ``sdtrt.runtime.prompts``); ``"prompt_syntax":
+"plain"`` (an sdtrt field) sends the text as diffusers reads it instead. ``<lora:NAME:SCALE>`` tags are taken out of
+the prompt under either syntax, as A1111 takes out extra networks before it parses the prompt.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class _Common(BaseModel):
     scheduler: str | None = None  # A1111 >= 1.9 "schedule type": Automatic, Uniform, Karras, Exponential
     eta: float | None = None  # DDIM's eta (other samplers: ignored)
     batch_seeds: Literal["a1111", "generator"] = A1111_SEEDS  # sdtrt: image j gets seed S + j, or one generator
+    prompt_syntax: Literal["a1111", "plain"] = "a1111"  # sdtrt: A1111's emphasis and chunks, or the text as it is
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
     n_iter: int = Field(1, ge=1, le=MAX_BATCH)
     steps: int = Field(20, ge=1, le=MAX_STEPS)
@@ -185,9 +190,9 @@ def to_requests(body: _Common, model_name: str, loras: LoraFolder = NO_LORA_FOLD
         init = decode_image(body.init_images[0], "init_images[0]")
         strength = body.denoising_strength
     base = GenerateRequest(
-        prompt=prompt, negative_prompt=body.negative_prompt or "", steps=body.steps, guidance=body.cfg_scale,
-        scheduler=sampler, schedule_type=body.scheduler, eta=_eta(sampler, body.eta), seed=seed, batch=body.batch_size,
-        height=body.height, width=body.width, clip_skip=clip_skip, init_image=init, strength=strength, loras=lora_set,
+        prompt=prompt, negative_prompt=body.negative_prompt or "", prompt_syntax=body.prompt_syntax, steps=body.steps,
+        guidance=body.cfg_scale, scheduler=sampler, schedule_type=body.scheduler, eta=_eta(sampler, body.eta),
+        seed=seed, batch=body.batch_size, height=body.height, width=body.width, clip_skip=clip_skip, init_image=init, strength=strength, loras=lora_set,
     )
     if body.batch_seeds == GENERATOR_SEEDS:
         return [replace(base, seed=seed + k) for k in range(body.n_iter)]

@@ -4,7 +4,8 @@
 images come back as ``b64_json`` PNGs (this server does not host files, so ``response_format=url`` is refused).
 ``model``, ``quality``, ``style``, ``user`` are accepted and do not change anything. sdtrt's own knobs ride in the
 same body (``extra_body`` in the official client): ``negative_prompt``, ``steps``, ``guidance_scale``, ``seed``,
-``sampler``, and ``loras`` (``[{"name": ..., "scale": ...}]``, names from the server's ``--lora-dir``).
+``sampler``, ``prompt_syntax`` (``a1111``, the default: A1111's emphasis, BREAK and 75-token chunks; ``plain``: the
+text as diffusers reads it), and ``loras`` (``[{"name": ..., "scale": ...}]``, names from the server's ``--lora-dir``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +50,7 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float = Field(7.5, ge=0, le=100)
     seed: int | None = Field(None, ge=0, lt=2**63)
     sampler: str | None = None
+    prompt_syntax: Literal["a1111", "plain"] = "a1111"
     loras: list[LoraRef] = Field(default_factory=list, max_length=16)
 
 
@@ -75,9 +78,9 @@ def to_request(body: ImageGenerationRequest, loras: LoraFolder = NO_LORA_FOLDER)
             raise UsageError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {body.size!r}")
         width, height = int(m.group(1)), int(m.group(2))
     return GenerateRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.guidance_scale,
-        scheduler=body.sampler, seed=secrets.randbelow(2**32) if body.seed is None else body.seed,
-        batch=body.n, height=height, width=width, loras=loras.resolve([(ref.name, ref.scale) for ref in body.loras]),
+        prompt=body.prompt, negative_prompt=body.negative_prompt, prompt_syntax=body.prompt_syntax, steps=body.steps,
+        guidance=body.guidance_scale, scheduler=body.sampler,
+        seed=secrets.randbelow(2**32) if body.seed is None else body.seed, batch=body.n, height=height, width=width, loras=loras.resolve([(ref.name, ref.scale) for ref in body.loras]),
     )
 
 

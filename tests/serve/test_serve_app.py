@@ -182,6 +182,30 @@ def test_new_samplers_and_eta_over_the_a1111_api(a1111, sd1_workdir_fp32, tmp_pa
     assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
 
 
+def test_prompt_syntax_plain_over_both_apis_equals_sdtrt_generate(a1111, server, sd1_workdir_fp32, tmp_path):
+    """sdtrt's `prompt_syntax` field (A1111 body, OpenAI extra_body): "plain" sends `(cat:1.5)` as text, the image
+    `sdtrt generate --prompt-syntax plain` makes; the default is A1111's syntax, `cat` weighted 1.5, another image."""
+    prompt = "a photo of a (cat:1.5)"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "a1111").mkdir()
+    common = ("--seed", "7", "--steps", "2", "--width", "64", "--height", "64", "--scheduler", "euler")
+    plain = cli_generate(sd1_workdir_fp32, tmp_path / "plain", prompt, *common, "--prompt-syntax", "plain")[0]
+    weighted = cli_generate(sd1_workdir_fp32, tmp_path / "a1111", prompt, *common)[0]
+    assert not np.array_equal(plain, weighted)
+    body = {"prompt": prompt, "seed": 7, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 7.5}
+    for extra, expected in (({"prompt_syntax": "plain"}, plain), ({}, weighted), ({"prompt_syntax": "a1111"}, weighted)):
+        r = requests.post(f"{server.url}/sdapi/v1/txt2img", json={**body, **extra}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(b64_pixels(r.json()["images"][0]), expected), extra
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    for extra, expected in (({"prompt_syntax": "plain"}, plain), ({}, weighted)):
+        resp = client.images.generate(prompt=prompt, size="64x64", response_format="b64_json",
+                                      extra_body={"seed": 7, "steps": 2, "sampler": "euler", **extra})
+        assert np.array_equal(b64_pixels(resp.data[0].b64_json), expected), extra
+    with pytest.raises(openai.BadRequestError, match="prompt_syntax: Input should be 'a1111' or 'plain'"):
+        client.images.generate(prompt="x", size="64x64", extra_body={"prompt_syntax": "markdown"})
+
+
 def test_webuiapi_img2img_equals_sdtrt_generate(a1111, sd1_workdir_fp32, tmp_path):
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -293,6 +317,8 @@ BAD = [
     # every scheduler runs img2img now (multistep warm-up restarts mid-schedule); A1111 syntax sdtrt lacks is refused
     ("/sdapi/v1/txt2img", {"prompt": "a [cat:dog:0.5]"}, 422, "prompt: prompt editing [cat:dog:0.5]"),
     ("/sdapi/v1/txt2img", {"prompt": "a [cat|dog]"}, 422, "prompt: alternation [cat|dog]"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "prompt_syntax": "markdown"}, 422,
+     "prompt_syntax: Input should be 'a1111' or 'plain'"),
 ]
 
 
