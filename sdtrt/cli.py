@@ -348,8 +348,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     request = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, prompt_syntax=args.prompt_syntax, steps=args.steps,
         guidance=args.guidance, scheduler=args.scheduler, schedule_type=args.schedule_type, eta=args.eta,
-        seed=args.seed, batch=args.batch, height=args.height, width=args.width, clip_skip=args.clip_skip, init_image=init_image,
-        strength=0.75 if args.strength is None else args.strength, loras=tuple(parse_lora_arg(a) for a in args.lora),
+        seed=args.seed, batch=args.batch, height=args.height, width=args.width, clip_skip=args.clip_skip,
+        init_image=init_image, strength=0.75 if args.strength is None else args.strength,
+        loras=tuple(parse_lora_arg(a) for a in args.lora),
     )
     output_paths(args.output, args.batch)  # checked before any heavy work
     pipe = Pipeline.load(args.workdir, backend=args.backend)
