@@ -45,7 +45,7 @@ def init_random(
     Weights are fp32 safetensors, identical for identical seeds. It is
     written atomically: on failure nothing is left behind. An existing non-empty ``out_dir`` is an error unless
     ``overwrite``. ``progress`` is called with a short description at each stage (full-size archs take about
-    30 s, 5 GB of RAM and 4 GB of disk on two CPU cores; full-size SDXL about 14 GB of RAM and 7 GB of disk).
+    30 s, 5 GB of RAM and 4 GB of disk on two CPU cores; full-size SDXL about 14 GB of RAM and 14 GB of disk (fp32)).
     """
     import torch
 
