@@ -99,7 +99,8 @@ def _diffusers_scheduler(config: dict, name: str):
 
 
 class DiffusersContender(Contender):
-    """``StableDiffusionPipeline`` with SDPA attention, fp16 on CUDA (fp32 with ``dtype``), optionally with
+    """diffusers' own pipeline for the checkpoint (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) with
+    SDPA attention, fp16 on CUDA (fp32 with ``dtype``), optionally with
     ``torch.compile`` of the UNet forward and the VAE decode (diffusers' own recipe)."""
 
     kind = "diffusers"
@@ -122,7 +123,12 @@ class DiffusersContender(Contender):
         common = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
         index = self.source / "model_index.json"
         if index.is_file():  # the folder's own pipeline class: StableDiffusionPipeline, StableDiffusionXLPipeline, ...
-            cls = getattr(diffusers, json.loads(index.read_text())["_class_name"])
+            cls = getattr(diffusers, json.loads(index.read_text())["_class_name"], None)
+            if cls not in (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline):
+                from sdtrt.errors import UsageError
+
+                raise UsageError(f"{self.source}: a {json.loads(index.read_text())['_class_name']} folder is not "
+                                 "benched (txt2img needs an SD or SDXL base model)")
             if cls is not diffusers.StableDiffusionPipeline:
                 common = {}  # SDXL pipelines have no safety checker
             pipe = cls.from_pretrained(self.source, local_files_only=True, **common)
@@ -130,15 +136,14 @@ class DiffusersContender(Contender):
             from sdtrt.checkpoint.loader import load_checkpoint
 
             ck = load_checkpoint(self.source, allow_pickle=self.source.suffix in (".ckpt", ".pt", ".pth"))
-            pipe = diffusers.StableDiffusionPipeline(
-                vae=ck.vae, text_encoder=ck.text_encoder, tokenizer=ck.tokenizer, unet=ck.unet,
-                scheduler=_diffusers_scheduler(ck.scheduler_config, self.scheduler), **common)
+            pipe = pipeline_from_checkpoint(ck, _diffusers_scheduler(ck.scheduler_config, self.scheduler))
         pipe.scheduler = _diffusers_scheduler(dict(pipe.scheduler.config), self.scheduler)
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         pipe.vae.set_attn_processor(AttnProcessor2_0())
         pipe = pipe.to(device="cuda" if self.cuda else "cpu", dtype=self.dtype)  # the weights are stored in fp32
         pipe.set_progress_bar_config(disable=True)
-        self.info["attention"] = "SDPA (AttnProcessor2_0)"
+        self.info.update(attention="SDPA (AttnProcessor2_0)", pipeline=type(pipe).__name__,
+                         guidance=self.spec.guidance)
         if self.compile:
             # dynamic=False: one static graph per batch size, as a user serving fixed shapes would compile
             opts = {"mode": self.spec.compile_mode, "fullgraph": True, "dynamic": False}
@@ -152,6 +157,7 @@ class DiffusersContender(Contender):
 
     def _call(self, batch: int) -> list:
         s = self.spec
+        # guidance_scale always given: diffusers' defaults differ per pipeline (SD 7.5, SDXL 5.0)
         out = self.pipe(s.prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
                         guidance_scale=s.guidance, height=s.height, width=s.width, num_images_per_prompt=batch,
                         generator=torch.Generator("cpu").manual_seed(s.seed))
@@ -160,6 +166,25 @@ class DiffusersContender(Contender):
     def close(self) -> None:
         super().close()
         self.pipe = None
+
+
+def pipeline_from_checkpoint(ck, scheduler):
+    """diffusers' txt2img pipeline for sdtrt's loaded ``Checkpoint`` (a single file, which diffusers cannot read
+    offline): ``StableDiffusionXLPipeline`` for SDXL base, ``StableDiffusionPipeline`` for SD 1.x/2.x."""
+    import diffusers
+
+    from sdtrt.errors import UsageError
+
+    if ck.family == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            vae=ck.vae, text_encoder=ck.text_encoder, text_encoder_2=ck.text_encoder_2, tokenizer=ck.tokenizer,
+            tokenizer_2=ck.tokenizer_2, unet=ck.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=bool(ck.pipeline_config.get("force_zeros_for_empty_prompt", True)))
+    if ck.family in ("sd1", "sd2"):
+        return diffusers.StableDiffusionPipeline(
+            vae=ck.vae, text_encoder=ck.text_encoder, tokenizer=ck.tokenizer, unet=ck.unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    raise UsageError(f"{ck.source}: a {ck.family} checkpoint is not benched (txt2img needs an SD or SDXL base model)")
 
 
 # -- sdtrt -------------------------------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ def run_bench(workdir: str | Path, spec: BenchSpec, *, progress: bool = True) ->
     under diffusers); returns the result as a JSON-able dict (see ``benchmarks/README.md`` for its fields)."""
     workdir = Path(workdir)
     manifest = read_manifest(workdir)
+    spec = spec.at_native_size(manifest["model"]["default_size"])  # SD 1.5: 512, SD 2.x 768-v: 768, SDXL: 1024
     source = Path(manifest["source"]["path"])
     cuda = torch.cuda.is_available()
     scheduler = _scheduler_name(workdir, spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from sdtrt.errors import UsageError
@@ -34,8 +35,8 @@ class BenchSpec:
     contenders: tuple[str, ...] = ()
     steps: int = 50
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
-    height: int = 512
-    width: int = 512
+    height: int | None = None  # None: the model's native size (the manifest's default_size: 512, 768, 1024)
+    width: int | None = None
     runs: int = 10
     warmup: int = 2
     prompt: str = "a photo of an astronaut riding a horse on mars"
@@ -62,12 +63,16 @@ class BenchSpec:
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise UsageError(f"a batch size is given twice: {self.batch_sizes!r}")
         for name, v in (("height", self.height), ("width", self.width)):
-            if not isinstance(v, int) or v < 8 or v % 8:
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 8 or v % 8):
                 raise UsageError(f"{name} must be a multiple of 8, got {v!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UsageError(f"threads must be a positive integer, got {self.threads!r}")
         if self.reference_device not in REFERENCE_DEVICES:
             raise UsageError(f"reference device must be one of {', '.join(REFERENCE_DEVICES)}, got {self.reference_device!r}")
+
+    def at_native_size(self, default_size: int) -> BenchSpec:
+        """This spec with an unset height or width taken from the model's native size."""
+        return dataclasses.replace(self, height=self.height or int(default_size), width=self.width or int(default_size))
 
     @property
     def smallest_batch(self) -> int:

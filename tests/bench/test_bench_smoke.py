@@ -287,13 +287,61 @@ def test_overhead_per_step_is_the_request_minus_the_models():
     assert c._per_step(0.010) == {"unet_ms_per_step": None, "overhead_ms_per_step": None}
 
 
-def test_sdxl_bench_against_diffusers_sdxl_pipeline(sdxl_workdir_fp32):
-    """An SDXL WORKDIR benches against diffusers' own StableDiffusionXLPipeline, same run, same images."""
+def test_sdxl_bench_against_diffusers_sdxl_pipeline(sdxl_workdir_fp32, tmp_path):
+    """An SDXL WORKDIR benches against diffusers' own StableDiffusionXLPipeline in one run: same image, the
+    speed-up is the two p50s of that run, the report has both rows with their PSNR, and the size is the model's
+    native one (no height or width given)."""
+    short = {k: v for k, v in SHORT.items() if k not in ("height", "width")}
     spec = BenchSpec(contenders=("diffusers", "sdtrt-onnxruntime"), threads=1,
-                     **{**SHORT, "batch_sizes": (1,), "runs": 1})
+                     **{**short, "batch_sizes": (1,), "runs": 1})  # 2 steps: at 1, guidance 5 vs 7.5 differ by 2 levels
     r = run_bench(sdxl_workdir_fp32, spec, progress=False)
     assert r["checkpoint"]["arch"] == "tiny-sdxl" and r["failed"] == {}
-    assert set(r["contenders"]) == {"diffusers"} | ({"sdtrt-onnxruntime"} if ORT_RUNS else set())
+    assert r["spec"]["height"] == r["spec"]["width"] == 64  # tiny-sdxl's default_size, from the manifest
+    ran = {"diffusers"} | ({"sdtrt-onnxruntime"} if ORT_RUNS else set())
+    assert set(r["contenders"]) == ran
+    d = r["contenders"]["diffusers"]
+    # guidance passed explicitly: diffusers' SDXL pipeline would otherwise run 5.0 against sdtrt's 7.5
+    assert d["pipeline"] == "StableDiffusionXLPipeline" and d["guidance"] == 7.5
+    p50 = {n: c["batches"]["1"]["end_to_end_s"]["p50"] for n, c in r["contenders"].items()}
+    assert r["speedup_vs_baseline"]["1"] == {n: pytest.approx(p50["diffusers"] / t) for n, t in p50.items()}
     if ORT_RUNS and not CUDA:  # both fp32 on the CPU: the same image as diffusers' SDXL pipeline
         q = r["contenders"]["sdtrt-onnxruntime"]["quality"]
         assert q["max_abs_diff"] <= 2, q
+        assert r["contenders"]["diffusers"]["quality"] == {"psnr_db": None, "max_abs_diff": 0}  # it is the reference
+    md = next(p for p in write_reports(r, tmp_path, stem="sdxl") if p.suffix == ".md").read_text()
+    assert "PSNR vs fp32 (dB)" in md and "tiny-sdxl" in md
+    table = md.split("## End to end, batch 1")[1].split("\n## ")[0]  # the headline table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for name in ran:
+        cells = [c.strip() for c in rows[name].split("|")]
+        assert f"{r['speedup_vs_baseline']['1'][name]:.2f}x" in cells, rows[name]
+    if ORT_RUNS and not CUDA:
+        psnr_db = r["contenders"]["sdtrt-onnxruntime"]["quality"]["psnr_db"]
+        want = "identical" if psnr_db is None else f"{psnr_db:.1f}"
+        assert want in [c.strip() for c in rows["sdtrt-onnxruntime"].split("|")]
+
+
+def test_diffusers_pipeline_from_single_file_checkpoint(tiny_sdxl_dir, tiny_sdxl_refiner_dir):
+    """A single-file checkpoint (loaded by sdtrt) runs under diffusers' pipeline for its family; SDXL's keeps the
+    folder's force_zeros_for_empty_prompt; the refiner (img2img only) is refused in one line."""
+    import diffusers
+
+    from sdtrt.bench.contenders import pipeline_from_checkpoint
+    from sdtrt.checkpoint.loader import load_checkpoint
+
+    sched = diffusers.EulerDiscreteScheduler()
+    pipe = pipeline_from_checkpoint(load_checkpoint(tiny_sdxl_dir), sched)
+    assert type(pipe) is diffusers.StableDiffusionXLPipeline and pipe.scheduler is sched
+    assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
+    assert pipe.config.force_zeros_for_empty_prompt is True
+    with pytest.raises(UsageError, match="sdxl-refiner checkpoint is not benched"):
+        pipeline_from_checkpoint(load_checkpoint(tiny_sdxl_refiner_dir), sched)
+
+
+def test_size_defaults_to_the_models_native_size():
+    spec = BenchSpec(steps=2)
+    assert spec.height is None and spec.width is None
+    assert spec.at_native_size(1024).height == spec.at_native_size(1024).width == 1024  # SDXL
+    assert BenchSpec(height=512, width=768).at_native_size(1024) == BenchSpec(height=512, width=768)
+    with pytest.raises(UsageError, match="height must be a multiple of 8"):
+        BenchSpec(height=1020)
