@@ -11,6 +11,25 @@ from sdtrt.bench.env import device_label
 from sdtrt.bench.plot import render_plot
 from sdtrt.fsutil import write_bytes_atomic
 
+#: Published end-to-end figures to read a run against, keyed by (model family, side in px, steps): (text, source).
+#: Another device and stack: the speed-up over diffusers measured in the same run is the result, not these.
+ANCHORS: dict[tuple[str, int, int], tuple[str, str]] = {
+    ("sdxl", 1024, 30): ("TensorRT ≈ 1.47 s end to end on an H100 (SDXL base, 1024², 30 steps, batch 1)",
+                         "Stability AI / NVIDIA, stable-diffusion-xl-1.0-tensorrt model card"),
+}
+
+
+def anchor_line(result: dict[str, Any]) -> str | None:
+    """The published figure for this run's model, size and steps, if one is known (square sizes only)."""
+    spec = result["spec"]
+    if spec["height"] != spec["width"]:
+        return None
+    hit = ANCHORS.get((result["checkpoint"].get("family"), spec["height"], spec["steps"]))
+    if hit is None:
+        return None
+    return (f"Published anchor: {hit[0]} ({hit[1]}); another device and stack, so compare the speed-ups over "
+            "diffusers from this run, not absolute times.")
+
 
 def report_stem(result: dict[str, Any]) -> str:
     """``<device>-<date>``, e.g. ``cpu-2core-2026-11-23`` or ``h100-80gb-hbm3-2026-11-23``."""
@@ -140,6 +159,7 @@ def markdown(result: dict[str, Any], *, png_name: str | None = None, title: str 
         f"then {spec['runs']} interleaved. "
         f"sdtrt commit {env.get('sdtrt_commit')}.",
         "",
+        *([anchor, ""] if (anchor := anchor_line(result)) else []),
         f"## End to end, batch {b0}",
         "",
         f"| contender | engine | p50 (s) | p90 (s) | std (s) | speed-up vs {base or '–'} | PSNR vs fp32 (dB) | "

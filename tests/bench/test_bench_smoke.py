@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from sdtrt.bench import BenchSpec, run_bench, write_reports
+from sdtrt.bench.report import anchor_line, markdown
 from sdtrt.bench.run import psnr
 from sdtrt.bench.spec import SHORT
 from sdtrt.errors import UsageError
@@ -315,6 +316,9 @@ def test_sdxl_bench_against_diffusers_sdxl_pipeline(sdxl_workdir_fp32, tmp_path)
     for name in ran:
         cells = [c.strip() for c in rows[name].split("|")]
         assert f"{r['speedup_vs_baseline']['1'][name]:.2f}x" in cells, rows[name]
+    assert "Published anchor" not in md  # 64 px, 2 steps: no published figure to compare with
+    at_1024 = {**r, "spec": {**r["spec"], "height": 1024, "width": 1024, "steps": 30}}
+    assert "Published anchor: TensorRT ≈ 1.47 s end to end on an H100" in markdown(at_1024)
     if ORT_RUNS and not CUDA:
         psnr_db = r["contenders"]["sdtrt-onnxruntime"]["quality"]["psnr_db"]
         want = "identical" if psnr_db is None else f"{psnr_db:.1f}"
@@ -345,3 +349,13 @@ def test_size_defaults_to_the_models_native_size():
     assert BenchSpec(height=512, width=768).at_native_size(1024) == BenchSpec(height=512, width=768)
     with pytest.raises(UsageError, match="height must be a multiple of 8"):
         BenchSpec(height=1020)
+
+
+def test_published_anchor_only_for_its_model_size_and_steps():
+    r = {"spec": {"height": 1024, "width": 1024, "steps": 30}, "checkpoint": {"family": "sdxl"}}
+    assert "1.47 s" in anchor_line(r) and "SDXL TensorRT" not in anchor_line(r)
+    assert "stable-diffusion-xl-1.0-tensorrt model card" in anchor_line(r)
+    for spec, family in (({"height": 1024, "width": 1024, "steps": 50}, "sdxl"),
+                         ({"height": 1024, "width": 768, "steps": 30}, "sdxl"),
+                         ({"height": 1024, "width": 1024, "steps": 30}, "sd1")):
+        assert anchor_line({"spec": spec, "checkpoint": {"family": family}}) is None
