@@ -325,13 +325,30 @@ def test_sdxl_bench_against_diffusers_sdxl_pipeline(sdxl_workdir_fp32, tmp_path)
         assert want in [c.strip() for c in rows["sdtrt-onnxruntime"].split("|")]
 
 
-def test_diffusers_pipeline_from_single_file_checkpoint(tiny_sdxl_dir, tiny_sdxl_refiner_dir):
-    """A single-file checkpoint (loaded by sdtrt) runs under diffusers' pipeline for its family; SDXL's keeps the
-    folder's force_zeros_for_empty_prompt; the refiner (img2img only) is refused in one line."""
+def test_diffusers_pipeline_from_single_file_checkpoint(tiny_sdxl_dir, tiny_sdxl_refiner_dir, tmp_path):
+    """A single-file checkpoint (loaded by sdtrt) runs under diffusers' pipeline for its family: an SDXL file makes
+    the folder's image in the diffusers contender; SDXL keeps force_zeros_for_empty_prompt; the refiner (img2img
+    only) is refused in one line."""
+    import shutil
+
     import diffusers
 
-    from sdtrt.bench.contenders import pipeline_from_checkpoint
+    from sdtrt.bench.contenders import DiffusersContender, pipeline_from_checkpoint
+    from sdtrt.checkpoint.ldm_layout import save_single_file
     from sdtrt.checkpoint.loader import load_checkpoint
+
+    for tok in ("tokenizer", "tokenizer_2"):  # tiny-sdxl's tokenizers are not CLIP's: they go beside the file
+        shutil.copytree(tiny_sdxl_dir / tok, tmp_path / tok)
+    save_single_file(load_checkpoint(tiny_sdxl_dir), tmp_path / "tiny-sdxl.safetensors")
+    spec = BenchSpec(steps=2, height=64, width=64)
+    images = []
+    for src in (tiny_sdxl_dir, tmp_path / "tiny-sdxl.safetensors"):
+        c = DiffusersContender("diffusers", spec, False, src, "euler", dtype=torch.float32)
+        c.load()
+        assert c.info["pipeline"] == "StableDiffusionXLPipeline"
+        images.append(c.generate(1).images.astype(int))
+        c.close()
+    assert abs(images[0] - images[1]).max() <= 2
 
     sched = diffusers.EulerDiscreteScheduler()
     pipe = pipeline_from_checkpoint(load_checkpoint(tiny_sdxl_dir), sched)
