@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sdtrt.checkpoint.model import TOKENIZER_DIRS
 from sdtrt.checkpoint.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, SD2_PAD_TOKEN, _bytes_to_unicode
 from sdtrt.errors import CheckpointError
 
@@ -145,7 +146,6 @@ def resolve_tokenizer(source: Path, found: Path, explicit: Path | None, te_confi
     )
 
 
-TOKENIZER_DIRS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 def resolve_tokenizers(source: Path, search: Path, explicit: Path | None, configs: dict[str, Any], family: str):

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# each text encoder component and the folder its tokenizer is saved in (diffusers' layout, and a WORKDIR's)
+TOKENIZER_DIRS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
 
 @dataclass(frozen=True)
 class Checkpoint:

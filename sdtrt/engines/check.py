@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdtrt.checkpoint.model import TOKENIZER_DIRS
 from sdtrt.engines.sidecar import read_sidecar
 from sdtrt.errors import UsageError
 from sdtrt.export.manifest import read_manifest
-from sdtrt.export.spec import TOKENIZER_DIRS
 from sdtrt.export.validate import METRICS, TOLERANCES, OutputError
 from sdtrt.runtime.backends.base import resolve_shape
 

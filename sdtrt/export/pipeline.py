@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 import sdtrt
-from sdtrt.checkpoint.model import Checkpoint
+from sdtrt.checkpoint.model import TOKENIZER_DIRS, Checkpoint
 from sdtrt.export.component import ComponentExport
 from sdtrt.export.graph import export_graph, release_memory
 from sdtrt.export.manifest import FORMAT_VERSION, MANIFEST
 from sdtrt.export.modules import component_exports, model_info
-from sdtrt.export.spec import TOKENIZER_DIRS, ExportSpec
+from sdtrt.export.spec import ExportSpec
 from sdtrt.export.validate import compare_with_onnx, raise_if_failed, reference_cases
 from sdtrt.fsutil import sha256_file, write_json_atomic
 from sdtrt.lora.targets import LORA_ROOTS, fingerprint, map_initializers

@@ -14,8 +14,6 @@ DEFAULT_OPSET = 17
 #: Every component any family exports, in build and report order.
 COMPONENTS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS: tuple[str, ...] = ("fp16", "fp32")
-#: The tokenizer folder each text encoder's WORKDIR copy lives in.
-TOKENIZER_DIRS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 @dataclass(frozen=True)

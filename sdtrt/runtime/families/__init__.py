@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from sdtrt.checkpoint.model import TOKENIZER_DIRS
 from sdtrt.errors import CheckpointError
 from sdtrt.runtime.families.base import Family
 from sdtrt.runtime.families.sd import SDFamily
@@ -12,7 +13,6 @@ from sdtrt.runtime.families.sdxl import SDXLFamily
 from sdtrt.runtime.families.text import Encoded, TextEncoder
 
 FAMILIES: dict[str, type] = {"sd1": SDFamily, "sd2": SDFamily, "sdxl": SDXLFamily, "sdxl-refiner": SDXLFamily}
-TOKENIZER_DIRS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 def text_encoder_names(model: Mapping) -> tuple[str, ...]:
